@@ -1,0 +1,884 @@
+//! The store-and-forward buffer: a SQLite database in the data directory.
+//!
+//! # Guarantees
+//! - **Commit, then acknowledge.** [`Buffer::append`] resolves only after the transaction
+//!   holding the entries has committed with `journal_mode=WAL` and `synchronous=FULL`: the
+//!   WAL is fsynced on every commit, so a power cut after `append` returns loses nothing.
+//!   Ingest acknowledges upstream (MQTT PUBACK, serial ACK) only after that.
+//! - **Confirm, then delete.** Rows leave the `outbox` only through [`Buffer::release`],
+//!   which the publisher calls after the broker confirmed them. A crash in between
+//!   republishes them: at least once, never lost. `message_id` lets consumers drop repeats.
+//! - **Group commit.** One thread owns the writing connection. It takes every command that
+//!   is waiting (up to `max_batch` entries) and applies them in one transaction, so many
+//!   concurrent appends share one fsync. Under load batches grow by themselves; idle, a
+//!   single reading commits at once (no timer adds latency).
+//! - **Bounded.** Caps on pending messages and bytes. `refuse` answers [`Error::Full`] so
+//!   ingest holds its input (back-pressure); `drop-oldest` deletes the oldest rows and
+//!   counts them. Dead letters are kept up to their own cap, oldest deleted first.
+//! - **Fails closed.** A failed commit fails every append in it; nothing is acknowledged.
+//!
+//! # Layout
+//! `outbox(id, message_id UNIQUE, exchange, routing_key, device_id, payload, created_ms)`:
+//! `id` is `AUTOINCREMENT`, never reused, so the publisher's cursor (`id > last`) never skips
+//! a row. An append whose `message_id` is already pending is a duplicate and is counted, not
+//! stored twice. `dead_letters(id, received_ms, source, origin, device_id, sensor, reason,
+//! raw)` keeps rejected input for inspection and `edgecase buffer replay`.
+
+use crate::config::{BufferConfig, OverflowPolicy};
+use crate::metrics::Metrics;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "buffer.db";
+const LOCK_FILE: &str = "edgecase.lock";
+/// Raw bytes kept per dead letter; longer inputs are cut (the reason says so).
+pub const DEAD_LETTER_RAW_MAX: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// Back-pressure under the `refuse` policy: hold the input and retry after
+    /// [`Buffer::wait_for_space`].
+    #[error(
+        "buffer full: {pending} messages / {bytes} bytes pending (caps buffer.max_readings {max_readings}, buffer.max_bytes {max_bytes}); input is held until the publisher catches up"
+    )]
+    Full { pending: u64, bytes: u64, max_readings: u64, max_bytes: u64 },
+    /// The database failed (disk full, I/O error, corruption). Nothing in the failed batch
+    /// was committed: hold the input and retry; an operator must act if it persists.
+    #[error("buffer database {path}: {message}")]
+    Storage { path: PathBuf, message: String },
+    /// Stop: another process owns this data directory.
+    #[error(
+        "data directory {0} is in use by another edgecase process (lock held on {0}/edgecase.lock); stop it or pass another --data-dir"
+    )]
+    Locked(PathBuf),
+    /// Stop: the buffer is shutting down.
+    #[error("buffer is closed")]
+    Closed,
+}
+
+/// A message to buffer and later publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRecord {
+    pub message_id: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub device_id: String,
+    pub payload: Vec<u8>,
+}
+
+/// Rejected input, kept with why and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDeadLetter {
+    /// `mqtt` or `serial`.
+    pub source: String,
+    /// The MQTT topic or the serial port.
+    pub origin: String,
+    /// Identity the transport gave (used again on replay).
+    pub device_id: Option<String>,
+    pub sensor: Option<String>,
+    pub reason: String,
+    pub raw: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry {
+    Record(NewRecord),
+    DeadLetter(NewDeadLetter),
+}
+
+/// A buffered message as the publisher sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRecord {
+    pub id: i64,
+    pub message_id: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub device_id: String,
+    pub payload: Vec<u8>,
+    pub created_ms: i64,
+}
+
+/// A dead letter as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDeadLetter {
+    pub id: i64,
+    pub received_ms: i64,
+    pub source: String,
+    pub origin: String,
+    pub device_id: Option<String>,
+    pub sensor: Option<String>,
+    pub reason: String,
+    pub raw: Vec<u8>,
+}
+
+/// What one append did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AppendReport {
+    pub inserted: u64,
+    pub duplicates: u64,
+    pub dead_letters: u64,
+}
+
+/// Counts for `edgecase buffer stats`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub pending: u64,
+    pub pending_bytes: u64,
+    pub oldest_created_ms: Option<i64>,
+    pub dead_letters: u64,
+    pub file_bytes: u64,
+}
+
+enum Command {
+    Append { entries: Vec<Entry>, reply: oneshot::Sender<Result<AppendReport, Error>> },
+    Release { ids: Vec<i64>, reply: oneshot::Sender<Result<(), Error>> },
+    DeleteDeadLetters { ids: Vec<i64>, reply: oneshot::Sender<Result<u64, Error>> },
+}
+
+impl Command {
+    fn weight(&self) -> usize {
+        match self {
+            Command::Append { entries, .. } => entries.len().max(1),
+            Command::Release { ids, .. } | Command::DeleteDeadLetters { ids, .. } => ids.len().div_ceil(8).max(1),
+        }
+    }
+}
+
+/// State shared between the writer thread and the handles.
+struct Shared {
+    pending: AtomicU64,
+    pending_bytes: AtomicU64,
+    dead_letters: AtomicU64,
+    last_id: AtomicI64,
+    new_data: Notify,
+    space_freed: Notify,
+    metrics: Arc<Metrics>,
+}
+
+/// Handle to the buffer; cheap to clone. The writer thread stops when every handle is gone.
+#[derive(Clone)]
+pub struct Buffer {
+    tx: mpsc::Sender<Command>,
+    reader: Arc<Mutex<Connection>>,
+    shared: Arc<Shared>,
+    path: PathBuf,
+    _lock: Arc<File>,
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer").field("path", &self.path).finish()
+    }
+}
+
+/// Joins the writer thread at shutdown, after every [`Buffer`] handle is dropped.
+#[derive(Debug)]
+pub struct WriterThread(std::thread::JoinHandle<()>);
+
+impl WriterThread {
+    /// Blocks until the writer has committed what it had and closed the database.
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("buffer writer thread panicked");
+        }
+    }
+}
+
+impl Buffer {
+    /// Opens (creating if needed) the buffer in `data_dir`, taking the directory's lock.
+    pub fn open(data_dir: &Path, cfg: &BufferConfig, metrics: Arc<Metrics>) -> Result<(Buffer, WriterThread), Error> {
+        std::fs::create_dir_all(data_dir).map_err(|e| storage(data_dir, format!("cannot create data directory: {e}")))?;
+        let lock = lock_data_dir(data_dir)?;
+        let path = data_dir.join(DB_FILE);
+        let writer = open_connection(&path)?;
+        let reader = open_connection(&path)?;
+        let (pending, pending_bytes, dead_letters, last_id) = count(&writer).map_err(|e| storage(&path, e))?;
+        let shared = Arc::new(Shared {
+            pending: AtomicU64::new(pending),
+            pending_bytes: AtomicU64::new(pending_bytes),
+            dead_letters: AtomicU64::new(dead_letters),
+            last_id: AtomicI64::new(last_id),
+            new_data: Notify::new(),
+            space_freed: Notify::new(),
+            metrics,
+        });
+        shared.publish_gauges();
+        // Bounded: a full command queue blocks appenders, which is back-pressure too.
+        let (tx, rx) = mpsc::channel(cfg.max_batch.max(64));
+        let state = WriterState { conn: writer, path: path.clone(), cfg: cfg.clone(), shared: shared.clone() };
+        let thread = std::thread::Builder::new()
+            .name("buffer-writer".into())
+            .spawn(move || state.run(rx))
+            .map_err(|e| storage(&path, format!("cannot start writer thread: {e}")))?;
+        if pending > 0 {
+            tracing::info!(pending, pending_bytes, "resuming: buffered messages will be published");
+        }
+        Ok((
+            Buffer { tx, reader: Arc::new(Mutex::new(reader)), shared, path, _lock: Arc::new(lock) },
+            WriterThread(thread),
+        ))
+    }
+
+    /// Commits `entries` in the next group commit. Returns after the commit.
+    pub async fn append(&self, entries: Vec<Entry>) -> Result<AppendReport, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Append { entries, reply }).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Deletes published rows. Call only after the broker confirmed them.
+    pub async fn release(&self, ids: Vec<i64>) -> Result<(), Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Release { ids, reply }).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Deletes dead letters (after a successful replay).
+    pub async fn delete_dead_letters(&self, ids: Vec<i64>) -> Result<u64, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::DeleteDeadLetters { ids, reply }).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Up to `limit` pending rows with `id > after`, oldest first.
+    pub async fn load_after(&self, after: i64, limit: usize) -> Result<Vec<StoredRecord>, Error> {
+        let reader = self.reader.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            // A std mutex: the connection is only used inside this blocking closure.
+            let conn = reader.lock().map_err(|_| storage(&path, "reader lock poisoned"))?;
+            load_after(&conn, after, limit).map_err(|e| storage(&path, e))
+        })
+        .await
+        .map_err(|e| storage(&self.path, format!("reader task failed: {e}")))?
+    }
+
+    /// Messages waiting for a confirm.
+    pub fn pending(&self) -> u64 {
+        self.shared.pending.load(Ordering::Acquire)
+    }
+
+    /// Highest id committed so far.
+    pub fn last_id(&self) -> i64 {
+        self.shared.last_id.load(Ordering::Acquire)
+    }
+
+    /// Resolves after the next commit that added rows (or at once if one happened since the
+    /// last call).
+    pub async fn wait_for_data(&self) {
+        self.shared.new_data.notified().await;
+    }
+
+    /// Resolves when rows were released or dropped.
+    pub async fn wait_for_space(&self) {
+        self.shared.space_freed.notified().await;
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn storage(path: &Path, e: impl ToString) -> Error {
+    Error::Storage { path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// One agent per data directory: two writers would each think they own the buffer's counts
+/// and cursor. The OS releases the lock when the process dies, even on `kill -9`.
+fn lock_data_dir(dir: &Path) -> Result<File, Error> {
+    let path = dir.join(LOCK_FILE);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| storage(dir, format!("cannot open lock file {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(storage(dir, format!("cannot lock {}: {e}", path.display()))),
+    }
+}
+
+/// Opens the database with the durability settings the guarantees depend on.
+fn open_connection(path: &Path) -> Result<Connection, Error> {
+    let conn = Connection::open(path).map_err(|e| storage(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| storage(path, e))?;
+    // WAL: readers (the publisher, operator commands) never block the writer.
+    // synchronous=FULL: the WAL is fsynced at every commit; under NORMAL a commit can be
+    // lost on power failure, and acknowledged data must not be.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(|e| storage(path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(storage(path, format!("cannot enable WAL (journal_mode is {mode}); is the file system local?")));
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL;
+         PRAGMA temp_store=MEMORY;
+         PRAGMA cache_size=-4096;
+         CREATE TABLE IF NOT EXISTS outbox (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             message_id TEXT NOT NULL UNIQUE,
+             exchange TEXT NOT NULL,
+             routing_key TEXT NOT NULL,
+             device_id TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             created_ms INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS dead_letters (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             received_ms INTEGER NOT NULL,
+             source TEXT NOT NULL,
+             origin TEXT NOT NULL,
+             device_id TEXT,
+             sensor TEXT,
+             reason TEXT NOT NULL,
+             raw BLOB NOT NULL);",
+    )
+    .map_err(|e| storage(path, e))?;
+    Ok(conn)
+}
+
+fn count(conn: &Connection) -> rusqlite::Result<(u64, u64, u64, i64)> {
+    let (pending, bytes): (i64, i64) =
+        conn.query_row("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let dead: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+    let last: Option<i64> = conn
+        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| r.get(0))
+        .optional()?;
+    Ok((pending as u64, bytes as u64, dead as u64, last.unwrap_or(0)))
+}
+
+fn load_after(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<StoredRecord>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, message_id, exchange, routing_key, device_id, payload, created_ms
+         FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after, limit as i64], |r| {
+        Ok(StoredRecord {
+            id: r.get(0)?,
+            message_id: r.get(1)?,
+            exchange: r.get(2)?,
+            routing_key: r.get(3)?,
+            device_id: r.get(4)?,
+            payload: r.get(5)?,
+            created_ms: r.get(6)?,
+        })
+    })?;
+    rows.collect()
+}
+
+impl Shared {
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        m.buffer_pending_readings.set(self.pending.load(Ordering::Acquire) as i64);
+        m.buffer_pending_bytes.set(self.pending_bytes.load(Ordering::Acquire) as i64);
+        m.buffer_dead_letters.set(self.dead_letters.load(Ordering::Acquire) as i64);
+    }
+}
+
+/// Counts as they will be once the open transaction commits.
+#[derive(Clone, Copy, Default)]
+struct Tally {
+    pending: u64,
+    bytes: u64,
+    dead_letters: u64,
+    committed: u64,
+    duplicates: u64,
+    dropped: u64,
+    refused: u64,
+    released: u64,
+    last_id: i64,
+}
+
+struct WriterState {
+    conn: Connection,
+    path: PathBuf,
+    cfg: BufferConfig,
+    shared: Arc<Shared>,
+}
+
+enum Work {
+    Append(Vec<Entry>),
+    Release(Vec<i64>),
+    DeleteDeadLetters(Vec<i64>),
+}
+
+enum Waiting {
+    Append(oneshot::Sender<Result<AppendReport, Error>>),
+    Release(oneshot::Sender<Result<(), Error>>),
+    Deleted(oneshot::Sender<Result<u64, Error>>),
+}
+
+enum Outcome {
+    Append(Result<AppendReport, Error>),
+    Deleted(u64),
+    Done,
+}
+
+impl WriterState {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        // blocking_recv: this is a plain thread, not a runtime worker.
+        while let Some(first) = rx.blocking_recv() {
+            let mut weight = first.weight();
+            let mut batch = vec![first];
+            while weight < self.cfg.max_batch {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        weight += cmd.weight();
+                        batch.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch);
+        }
+        // Every handle is gone: checkpoint so the WAL does not have to be replayed at start.
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+            tracing::warn!(error = %e, "buffer checkpoint at shutdown failed (harmless; replayed at next start)");
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Command>) {
+        let start = Tally {
+            pending: self.shared.pending.load(Ordering::Acquire),
+            bytes: self.shared.pending_bytes.load(Ordering::Acquire),
+            dead_letters: self.shared.dead_letters.load(Ordering::Acquire),
+            last_id: self.shared.last_id.load(Ordering::Acquire),
+            ..Tally::default()
+        };
+        let mut tally = start;
+        // Split the work from the reply channels so that a failed transaction can still
+        // answer every caller with the cause.
+        let mut work = Vec::with_capacity(batch.len());
+        let mut waiting = Vec::with_capacity(batch.len());
+        for cmd in batch {
+            match cmd {
+                Command::Append { entries, reply } => {
+                    work.push(Work::Append(entries));
+                    waiting.push(Waiting::Append(reply));
+                }
+                Command::Release { ids, reply } => {
+                    work.push(Work::Release(ids));
+                    waiting.push(Waiting::Release(reply));
+                }
+                Command::DeleteDeadLetters { ids, reply } => {
+                    work.push(Work::DeleteDeadLetters(ids));
+                    waiting.push(Waiting::Deleted(reply));
+                }
+            }
+        }
+        let result = (|| -> rusqlite::Result<Vec<Outcome>> {
+            let tx = self.conn.transaction()?;
+            let mut outcomes = Vec::with_capacity(work.len());
+            for w in work {
+                outcomes.push(match w {
+                    Work::Append(entries) => Outcome::Append(apply_append(&tx, &self.cfg, &mut tally, entries)?),
+                    Work::Release(ids) => {
+                        apply_release(&tx, &mut tally, &ids)?;
+                        Outcome::Done
+                    }
+                    Work::DeleteDeadLetters(ids) => {
+                        let mut stmt = tx.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?;
+                        let mut n = 0;
+                        for id in ids {
+                            n += stmt.execute([id])? as u64;
+                        }
+                        tally.dead_letters = tally.dead_letters.saturating_sub(n);
+                        Outcome::Deleted(n)
+                    }
+                });
+            }
+            prune_dead_letters(&tx, self.cfg.max_dead_letters, &mut tally)?;
+            tx.commit()?;
+            Ok(outcomes)
+        })();
+        // A dropped receiver means the caller gave up (shutdown); the commit stands.
+        match result {
+            Ok(outcomes) => {
+                self.publish(start, tally);
+                for (w, o) in waiting.into_iter().zip(outcomes) {
+                    match (w, o) {
+                        (Waiting::Append(tx), Outcome::Append(r)) => drop(tx.send(r)),
+                        (Waiting::Release(tx), _) => drop(tx.send(Ok(()))),
+                        (Waiting::Deleted(tx), Outcome::Deleted(n)) => drop(tx.send(Ok(n))),
+                        (Waiting::Append(tx), _) => drop(tx.send(Err(Error::Closed))),
+                        (Waiting::Deleted(tx), _) => drop(tx.send(Err(Error::Closed))),
+                    }
+                }
+            }
+            Err(e) => {
+                // Rolled back: counts stay as they were, nothing was acknowledged, and every
+                // caller holds its input and retries.
+                tracing::error!(path = %self.path.display(), error = %e, "buffer commit failed; input is held and retried");
+                let err = storage(&self.path, e);
+                for w in waiting {
+                    match w {
+                        Waiting::Append(tx) => drop(tx.send(Err(err.clone()))),
+                        Waiting::Release(tx) => drop(tx.send(Err(err.clone()))),
+                        Waiting::Deleted(tx) => drop(tx.send(Err(err.clone()))),
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish(&self, start: Tally, t: Tally) {
+        let s = &self.shared;
+        s.pending.store(t.pending, Ordering::Release);
+        s.pending_bytes.store(t.bytes, Ordering::Release);
+        s.dead_letters.store(t.dead_letters, Ordering::Release);
+        s.last_id.store(t.last_id, Ordering::Release);
+        s.publish_gauges();
+        let m = &s.metrics;
+        m.buffer_commits.inc();
+        m.buffer_committed.inc_by(t.committed);
+        m.buffer_duplicates.inc_by(t.duplicates);
+        m.buffer_dropped.inc_by(t.dropped);
+        m.buffer_refused.inc_by(t.refused);
+        m.buffer_released.inc_by(t.released);
+        if t.last_id > start.last_id {
+            s.new_data.notify_one();
+        }
+        if t.released > 0 || t.dropped > 0 {
+            s.space_freed.notify_waiters();
+        }
+    }
+}
+
+fn apply_append(
+    tx: &rusqlite::Transaction<'_>,
+    cfg: &BufferConfig,
+    tally: &mut Tally,
+    entries: Vec<Entry>,
+) -> rusqlite::Result<Result<AppendReport, Error>> {
+    let (n, bytes) = entries.iter().fold((0u64, 0u64), |(n, b), e| match e {
+        Entry::Record(r) => (n + 1, b + r.payload.len() as u64),
+        Entry::DeadLetter(_) => (n, b),
+    });
+    let over = |t: &Tally| t.pending + n > cfg.max_readings || t.bytes + bytes > cfg.max_bytes;
+    if n > 0 && over(tally) {
+        match cfg.overflow {
+            OverflowPolicy::Refuse => {
+                tally.refused += 1;
+                return Ok(Err(Error::Full {
+                    pending: tally.pending,
+                    bytes: tally.bytes,
+                    max_readings: cfg.max_readings,
+                    max_bytes: cfg.max_bytes,
+                }));
+            }
+            OverflowPolicy::DropOldest => drop_oldest(tx, cfg, tally, n, bytes)?,
+        }
+    }
+    let mut report = AppendReport::default();
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, device_id, payload, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut insert_dead = tx.prepare_cached(
+        "INSERT INTO dead_letters (received_ms, source, origin, device_id, sensor, reason, raw)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let now = crate::reading::now_ms();
+    for entry in entries {
+        match entry {
+            Entry::Record(r) => {
+                if insert.execute(params![r.message_id, r.exchange, r.routing_key, r.device_id, r.payload, now])? == 1 {
+                    tally.pending += 1;
+                    tally.bytes += r.payload.len() as u64;
+                    tally.committed += 1;
+                    tally.last_id = tx.last_insert_rowid();
+                    report.inserted += 1;
+                } else {
+                    tally.duplicates += 1;
+                    report.duplicates += 1;
+                }
+            }
+            Entry::DeadLetter(d) => {
+                let (raw, reason) = if d.raw.len() > DEAD_LETTER_RAW_MAX {
+                    (&d.raw[..DEAD_LETTER_RAW_MAX], format!("{} (raw cut to {DEAD_LETTER_RAW_MAX} of {} bytes)", d.reason, d.raw.len()))
+                } else {
+                    (&d.raw[..], d.reason)
+                };
+                insert_dead.execute(params![now, d.source, d.origin, d.device_id, d.sensor, reason, raw])?;
+                tally.dead_letters += 1;
+                report.dead_letters += 1;
+            }
+        }
+    }
+    Ok(Ok(report))
+}
+
+fn drop_oldest(tx: &rusqlite::Transaction<'_>, cfg: &BufferConfig, tally: &mut Tally, n: u64, bytes: u64) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?1) RETURNING length(payload)",
+    )?;
+    while tally.pending > 0 && (tally.pending + n > cfg.max_readings || tally.bytes + bytes > cfg.max_bytes) {
+        let excess = (tally.pending + n).saturating_sub(cfg.max_readings).clamp(1, 1024);
+        let sizes: Vec<i64> = stmt.query_map([excess as i64], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        if sizes.is_empty() {
+            break;
+        }
+        tally.pending = tally.pending.saturating_sub(sizes.len() as u64);
+        tally.bytes = tally.bytes.saturating_sub(sizes.iter().sum::<i64>() as u64);
+        tally.dropped += sizes.len() as u64;
+    }
+    if tally.dropped > 0 {
+        tracing::warn!(dropped = tally.dropped, "buffer full: oldest messages dropped (buffer.overflow = drop-oldest)");
+    }
+    Ok(())
+}
+
+fn apply_release(tx: &rusqlite::Transaction<'_>, tally: &mut Tally, ids: &[i64]) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING length(payload)")?;
+    for id in ids {
+        // A row may already be gone (dropped by overflow, or released twice after a
+        // reconnect); that is not an error.
+        if let Some(len) = stmt.query_row([id], |r| r.get::<_, i64>(0)).optional()? {
+            tally.pending = tally.pending.saturating_sub(1);
+            tally.bytes = tally.bytes.saturating_sub(len as u64);
+            tally.released += 1;
+        }
+    }
+    Ok(())
+}
+
+fn prune_dead_letters(tx: &rusqlite::Transaction<'_>, max: u64, tally: &mut Tally) -> rusqlite::Result<()> {
+    if tally.dead_letters > max {
+        let excess = tally.dead_letters - max;
+        let n = tx.execute(
+            "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT ?1)",
+            [excess as i64],
+        )?;
+        tally.dead_letters -= n as u64;
+    }
+    Ok(())
+}
+
+/// Read-only access for operator commands (`edgecase buffer ...`), safe while the agent
+/// runs: WAL lets a reader in beside the writer.
+pub struct Inspector {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Inspector {
+    pub fn open(data_dir: &Path) -> Result<Inspector, Error> {
+        let path = data_dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(storage(&path, "no buffer here (the agent has not run with this --data-dir)"));
+        }
+        Ok(Inspector { conn: open_connection(&path)?, path })
+    }
+
+    pub fn stats(&self) -> Result<Stats, Error> {
+        let (pending, pending_bytes, dead_letters, _) = count(&self.conn).map_err(|e| storage(&self.path, e))?;
+        let oldest_created_ms = self
+            .conn
+            .query_row("SELECT min(created_ms) FROM outbox", [], |r| r.get::<_, Option<i64>>(0))
+            .map_err(|e| storage(&self.path, e))?;
+        let file_bytes = ["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|s| std::fs::metadata(format!("{}{s}", self.path.display())).ok())
+            .map(|m| m.len())
+            .sum();
+        Ok(Stats { pending, pending_bytes, oldest_created_ms, dead_letters, file_bytes })
+    }
+
+    /// Dead letters, oldest first, optionally only the given ids.
+    pub fn dead_letters(&self, ids: &[i64], limit: usize) -> Result<Vec<StoredDeadLetter>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, received_ms, source, origin, device_id, sensor, reason, raw FROM dead_letters ORDER BY id")
+            .map_err(|e| storage(&self.path, e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(StoredDeadLetter {
+                    id: r.get(0)?,
+                    received_ms: r.get(1)?,
+                    source: r.get(2)?,
+                    origin: r.get(3)?,
+                    device_id: r.get(4)?,
+                    sensor: r.get(5)?,
+                    reason: r.get(6)?,
+                    raw: r.get(7)?,
+                })
+            })
+            .map_err(|e| storage(&self.path, e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let row = row.map_err(|e| storage(&self.path, e))?;
+            if ids.is_empty() || ids.contains(&row.id) {
+                out.push(row);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What `edgecase buffer replay` did.
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    pub queued: u64,
+    pub duplicates: u64,
+    pub still_failing: Vec<(i64, String)>,
+}
+
+impl Inspector {
+    /// Re-parses dead letters with `parse`; each that now yields a record is moved to the
+    /// outbox in one transaction (inserted and deleted from `dead_letters` together). The
+    /// running agent's publisher finds the new rows on its next poll.
+    pub fn replay(
+        &mut self,
+        letters: &[StoredDeadLetter],
+        parse: impl Fn(&StoredDeadLetter) -> Result<NewRecord, String>,
+    ) -> Result<ReplayReport, Error> {
+        let path = self.path.clone();
+        let mut report = ReplayReport::default();
+        let tx = self.conn.transaction().map_err(|e| storage(&path, e))?;
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, device_id, payload, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(|e| storage(&path, e))?;
+            let mut delete = tx.prepare("DELETE FROM dead_letters WHERE id = ?1").map_err(|e| storage(&path, e))?;
+            let now = crate::reading::now_ms();
+            for d in letters {
+                match parse(d) {
+                    Ok(r) => {
+                        let n = insert
+                            .execute(params![r.message_id, r.exchange, r.routing_key, r.device_id, r.payload, now])
+                            .map_err(|e| storage(&path, e))?;
+                        if n == 1 {
+                            report.queued += 1;
+                        } else {
+                            report.duplicates += 1;
+                        }
+                        delete.execute([d.id]).map_err(|e| storage(&path, e))?;
+                    }
+                    Err(why) => report.still_failing.push((d.id, why)),
+                }
+            }
+        }
+        tx.commit().map_err(|e| storage(&path, e))?;
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BufferConfig {
+        BufferConfig { max_readings: 100, max_bytes: 1 << 20, ..BufferConfig::default() }
+    }
+
+    fn record(i: u64) -> Entry {
+        Entry::Record(NewRecord {
+            message_id: format!("m{i}"),
+            exchange: "x".into(),
+            routing_key: "reading.d.s".into(),
+            device_id: "d".into(),
+            payload: format!("{{\"value\":{i}}}").into_bytes(),
+        })
+    }
+
+    #[tokio::test]
+    async fn committed_rows_survive_reopen_until_released() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = Arc::new(Metrics::new());
+        {
+            let (buf, writer) = Buffer::open(dir.path(), &cfg(), m.clone()).expect("open");
+            let report = buf.append((0..10).map(record).collect()).await.expect("append");
+            assert_eq!(report.inserted, 10);
+            let rows = buf.load_after(0, 4).await.expect("load");
+            assert_eq!(rows.len(), 4);
+            buf.release(rows.iter().map(|r| r.id).collect()).await.expect("release");
+            assert_eq!(buf.pending(), 6);
+            drop(buf);
+            writer.join();
+        }
+        let (buf, _writer) = Buffer::open(dir.path(), &cfg(), m).expect("reopen");
+        assert_eq!(buf.pending(), 6);
+        let rows = buf.load_after(0, 100).await.expect("load");
+        assert_eq!(rows.first().map(|r| r.message_id.as_str()), Some("m4"));
+    }
+
+    #[tokio::test]
+    async fn a_second_agent_cannot_take_the_data_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_buf, _w) = Buffer::open(dir.path(), &cfg(), Arc::new(Metrics::new())).expect("open");
+        let err = Buffer::open(dir.path(), &cfg(), Arc::new(Metrics::new())).unwrap_err();
+        assert!(matches!(err, Error::Locked(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_counted_not_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (buf, _w) = Buffer::open(dir.path(), &cfg(), Arc::new(Metrics::new())).expect("open");
+        buf.append(vec![record(1), record(2)]).await.expect("append");
+        let r = buf.append(vec![record(2), record(3)]).await.expect("append");
+        assert_eq!((r.inserted, r.duplicates), (1, 1));
+        assert_eq!(buf.pending(), 3);
+    }
+
+    #[tokio::test]
+    async fn refuse_policy_holds_input_when_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BufferConfig { max_readings: 5, ..cfg() };
+        let (buf, _w) = Buffer::open(dir.path(), &c, Arc::new(Metrics::new())).expect("open");
+        buf.append((0..5).map(record).collect()).await.expect("append");
+        let err = buf.append(vec![record(9)]).await.unwrap_err();
+        assert!(matches!(err, Error::Full { pending: 5, .. }), "{err}");
+        let first = buf.load_after(0, 1).await.expect("load");
+        buf.release(vec![first[0].id]).await.expect("release");
+        buf.append(vec![record(9)]).await.expect("room again");
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_policy_makes_room_and_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BufferConfig { max_readings: 5, overflow: OverflowPolicy::DropOldest, ..cfg() };
+        let m = Arc::new(Metrics::new());
+        let (buf, _w) = Buffer::open(dir.path(), &c, m.clone()).expect("open");
+        buf.append((0..5).map(record).collect()).await.expect("append");
+        buf.append(vec![record(5), record(6)]).await.expect("append");
+        let ids: Vec<String> = buf.load_after(0, 10).await.expect("load").into_iter().map(|r| r.message_id).collect();
+        assert_eq!(ids, ["m2", "m3", "m4", "m5", "m6"]);
+        assert_eq!(m.buffer_dropped.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_keep_reason_and_raw_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (buf, _w) = Buffer::open(dir.path(), &cfg(), Arc::new(Metrics::new())).expect("open");
+        let dl = NewDeadLetter {
+            source: "mqtt".into(),
+            origin: "sensors/a/b".into(),
+            device_id: Some("a".into()),
+            sensor: Some("b".into()),
+            reason: "payload is not valid JSON".into(),
+            raw: vec![0xff, 0x00, 0x7b],
+        };
+        buf.append(vec![Entry::DeadLetter(dl.clone())]).await.expect("append");
+        let inspector = Inspector::open(dir.path()).expect("inspect");
+        let got = inspector.dead_letters(&[], 10).expect("list");
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].raw.clone(), got[0].reason.clone()), (dl.raw, dl.reason));
+        assert_eq!(inspector.stats().expect("stats").dead_letters, 1);
+    }
+}

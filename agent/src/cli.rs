@@ -1,0 +1,247 @@
+//! The command line: `run`, `check` and the operator's `buffer` commands.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use edgecase::agent::{Agent, shutdown_signal};
+use edgecase::buffer::{Inspector, NewRecord, StoredDeadLetter};
+use edgecase::config::{Config, LogFormat};
+use edgecase::ingest::{Route, record};
+use edgecase::reading::{Origin, Reading, format_ms, now_ms};
+use std::path::{Path, PathBuf};
+
+/// Edge gateway agent: reads sensor readings from MQTT and serial ports, keeps each one in
+/// a crash-safe SQLite buffer until RabbitMQ has confirmed it, and publishes them over AMQP.
+#[derive(Debug, Parser)]
+#[command(name = "edgecase", version, propagate_version = true, max_term_width = 100)]
+#[command(after_help = "Start with `edgecase check --config examples/gateway.toml`, then `edgecase run` with the same file.\n\
+Every setting can be overridden by an environment variable EDGECASE__SECTION__KEY, e.g. EDGECASE__AMQP__URL.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: ingest, buffer and publish until SIGTERM or Ctrl-C.
+    Run(RunArgs),
+    /// Validate a config file and print the resolved settings, secrets redacted.
+    Check(ConfigArgs),
+    /// Inspect the buffer, list dead letters, replay them.
+    #[command(subcommand)]
+    Buffer(BufferCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// TOML or JSON config file. Without it, built-in defaults (local Mosquitto and RabbitMQ).
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Where the buffer lives [default: gateway.data_dir, else $STATE_DIRECTORY, else ./data]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DataDirArg {
+    /// The agent's data directory [default: $STATE_DIRECTORY, else ./data]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BufferCommand {
+    /// Pending messages, age of the oldest, size on disk, dead letters.
+    Stats {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List dead letters: when, from where, why, and the raw input.
+    DeadLetters {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Only these ids.
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<i64>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON lines (raw bytes as hex) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Parse dead letters again and queue the ones that are now valid for publishing.
+    /// Safe while the agent runs. Useful after raising a limit or fixing a topic mapping.
+    Replay {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Config whose limits and exchange names apply [default: built-in defaults].
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Dead letters to replay.
+        #[arg(long = "id", value_name = "ID", required_unless_present = "all")]
+        ids: Vec<i64>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+impl Cli {
+    pub async fn execute(self) -> Result<()> {
+        match self.command {
+            Command::Run(args) => run(args).await,
+            Command::Check(args) => check(args),
+            Command::Buffer(cmd) => buffer(cmd),
+        }
+    }
+}
+
+fn load(path: Option<&Path>) -> Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    // try_init also routes the `log` records of rumqttc and lapin into tracing.
+    let _ = match config.log.format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let config = load(args.config.config.as_deref())?;
+    init_logging(&config);
+    let data_dir = config.data_dir(args.data_dir.as_deref());
+    let agent = Agent::start(&config, data_dir).await.context("cannot start the agent")?;
+    shutdown_signal().await;
+    agent.shutdown().await;
+    Ok(())
+}
+
+fn check(args: ConfigArgs) -> Result<()> {
+    let config = load(args.config.as_deref())?;
+    let origin = args.config.as_deref().map_or("built-in defaults".to_string(), |p| p.display().to_string());
+    println!("# {origin}: OK (environment overrides applied; secrets shown as ***)");
+    println!("# data directory: {}", config.data_dir(None).display());
+    print!("{}", config.to_redacted_toml());
+    Ok(())
+}
+
+fn data_dir(arg: &DataDirArg) -> PathBuf {
+    Config::default().data_dir(arg.data_dir.as_deref())
+}
+
+fn buffer(cmd: BufferCommand) -> Result<()> {
+    match cmd {
+        BufferCommand::Stats { dir, json } => {
+            let dir = data_dir(&dir);
+            let stats = Inspector::open(&dir)?.stats()?;
+            let oldest_age_s = stats.oldest_created_ms.map(|t| (now_ms() - t).max(0) as f64 / 1000.0);
+            if json {
+                let v = serde_json::json!({
+                    "data_dir": dir,
+                    "pending": stats.pending,
+                    "pending_bytes": stats.pending_bytes,
+                    "oldest_age_seconds": oldest_age_s,
+                    "dead_letters": stats.dead_letters,
+                    "file_bytes": stats.file_bytes,
+                });
+                println!("{v}");
+            } else {
+                println!("data directory   {}", dir.display());
+                println!("pending          {} messages, {} bytes", stats.pending, stats.pending_bytes);
+                match (stats.oldest_created_ms, oldest_age_s) {
+                    (Some(t), Some(age)) => println!("oldest pending   {} ({age:.1} s ago)", format_ms(t)),
+                    _ => println!("oldest pending   -"),
+                }
+                println!("dead letters     {}", stats.dead_letters);
+                println!("size on disk     {} bytes", stats.file_bytes);
+            }
+            Ok(())
+        }
+        BufferCommand::DeadLetters { dir, ids, limit, json } => {
+            let list = Inspector::open(&data_dir(&dir))?.dead_letters(&ids, limit)?;
+            for d in &list {
+                if json {
+                    let v = serde_json::json!({
+                        "id": d.id, "received": format_ms(d.received_ms), "source": d.source, "origin": d.origin,
+                        "device_id": d.device_id, "sensor": d.sensor, "reason": d.reason,
+                        "raw_hex": hex(&d.raw), "raw_bytes": d.raw.len(),
+                    });
+                    println!("{v}");
+                } else {
+                    println!("#{} {} {} {}", d.id, format_ms(d.received_ms), d.source, d.origin);
+                    println!("    reason: {}", d.reason);
+                    println!("    raw ({} bytes): {}", d.raw.len(), preview(&d.raw, 160));
+                }
+            }
+            if !json {
+                println!("{} dead letter(s) shown", list.len());
+            }
+            Ok(())
+        }
+        BufferCommand::Replay { dir, config, ids, all } => {
+            let config = load(config.as_deref())?;
+            let dir = data_dir(&dir);
+            let mut inspector = Inspector::open(&dir)?;
+            let selected = inspector.dead_letters(if all { &[] } else { &ids }, usize::MAX)?;
+            if !all {
+                for id in &ids {
+                    if !selected.iter().any(|d| d.id == *id) {
+                        bail!("no dead letter with id {id} in {}", dir.display());
+                    }
+                }
+            }
+            let route = Route { readings_exchange: config.amqp.readings_exchange.clone() };
+            let limit = config.mqtt.max_payload_bytes;
+            let report = inspector.replay(&selected, |d| reparse(d, &config.gateway.id, limit, &route))?;
+            for (id, why) in &report.still_failing {
+                println!("#{id} still rejected: {why}");
+            }
+            println!(
+                "replayed {} dead letter(s) into the buffer ({} already pending), {} still rejected",
+                report.queued, report.duplicates, report.still_failing.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn reparse(d: &StoredDeadLetter, gateway_id: &str, limit: usize, route: &Route) -> Result<NewRecord, String> {
+    let source = format!("{}:{}", d.source, d.origin);
+    let origin = Origin {
+        device_id: d.device_id.as_deref(),
+        sensor: d.sensor.as_deref(),
+        source: &source,
+        gateway_id,
+        received_ms: d.received_ms,
+    };
+    Reading::parse(&d.raw, &origin, limit).map(|r| record(&r, route)).map_err(|e| e.to_string())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Printable preview: text as text, other bytes escaped, cut at `max` characters.
+fn preview(bytes: &[u8], max: usize) -> String {
+    let escaped: String = bytes.escape_ascii().to_string();
+    if escaped.chars().count() > max {
+        format!("{}... (cut)", escaped.chars().take(max).collect::<String>())
+    } else {
+        escaped
+    }
+}

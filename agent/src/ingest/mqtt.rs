@@ -1,0 +1,301 @@
+//! MQTT ingest: readings from a broker, acknowledged only after they are committed.
+//!
+//! - Persistent session (clean session off, stable client id): while the agent is down or
+//!   reconnecting, the broker keeps the subscription and every unacknowledged QoS 1 message.
+//! - Manual acknowledgement: each PUBACK is sent by the task that committed the message to
+//!   the buffer, after the commit. A crash before it means the broker redelivers, and the
+//!   buffer's `message_id` check turns the redelivery into a counted duplicate.
+//! - Bad input never stalls the session: a malformed or oversized payload is committed as a
+//!   dead letter and acknowledged like any other message, so it is not redelivered forever.
+//!   The client accepts packets up to MQTT's own maximum, so no packet size can break the
+//!   connection; `mqtt.max_payload_bytes` decides what is dead-lettered.
+//! - Reconnects with capped exponential backoff and jitter; subscribes again on every
+//!   CONNACK (a broker that lost the session would otherwise send nothing).
+
+use super::{Route, commit, to_entry};
+use crate::backoff::Backoff;
+use crate::buffer::Buffer;
+use crate::config::{Config, MqttConfig};
+use crate::metrics::Metrics;
+use crate::reading::{Origin, now_ms};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// MQTT's largest packet (remaining length of 268,435,455 bytes).
+const MQTT_MAX_PACKET: usize = 268_435_455;
+/// How long shutdown waits for in-flight commits to send their PUBACKs.
+const ACK_DRAIN: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Stop: the configuration cannot produce a connection.
+    #[error("mqtt.url {url:?}: {message}")]
+    Url { url: String, message: String },
+    /// Stop: credentials or CA could not be read.
+    #[error("{key}: {message}")]
+    Setting { key: &'static str, message: String },
+}
+
+/// Everything the MQTT ingest task needs.
+pub struct MqttIngest {
+    options: MqttOptions,
+    cfg: MqttConfig,
+    gateway_id: String,
+    route: Route,
+    buffer: Buffer,
+    metrics: Arc<Metrics>,
+}
+
+impl MqttIngest {
+    pub fn new(config: &Config, buffer: Buffer, metrics: Arc<Metrics>) -> Result<MqttIngest, Error> {
+        let cfg = config.mqtt.clone();
+        let options = options(&cfg, &config.mqtt_client_id())?;
+        Ok(MqttIngest {
+            options,
+            cfg,
+            gateway_id: config.gateway.id.clone(),
+            route: Route { readings_exchange: config.amqp.readings_exchange.clone() },
+            buffer,
+            metrics,
+        })
+    }
+
+    /// Runs until `cancel`; then stops reading, lets in-flight commits send their PUBACKs,
+    /// and disconnects.
+    pub async fn run(self, cancel: CancellationToken) {
+        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), self.cfg.max_uncommitted + 16);
+        let uncommitted = Arc::new(Semaphore::new(self.cfg.max_uncommitted));
+        let tracker = TaskTracker::new();
+        let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
+        let mut failing_since: Option<std::time::Instant> = None;
+        let broker = format!("{}:{}", self.options.broker_address().0, self.options.broker_address().1);
+        tracing::info!(%broker, client_id = self.options.client_id(), topics = ?self.cfg.topics, "MQTT ingest starting");
+
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => break,
+                e = eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    // Back-pressure: at the cap, stop polling until a commit finishes.
+                    let permit = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        p = uncommitted.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    };
+                    let entry = self.entry_for(&publish);
+                    let (buffer, client, cancel, metrics) = (self.buffer.clone(), client.clone(), cancel.clone(), self.metrics.clone());
+                    tracker.spawn(async move {
+                        let accepted = matches!(entry, crate::buffer::Entry::Record(_));
+                        if commit(&buffer, vec![entry], &cancel, "mqtt").await.is_some() {
+                            if accepted {
+                                metrics.accepted("mqtt", 1);
+                            }
+                            metrics.made_progress();
+                            // Commit, then acknowledge. QoS 0 messages have nothing to ack.
+                            if publish.qos != QoS::AtMostOnce {
+                                if let Err(e) = client.ack(&publish).await {
+                                    tracing::debug!(error = %e, "PUBACK not sent (connection closing); the broker will redeliver");
+                                }
+                            }
+                        }
+                        drop(permit);
+                    });
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff.reset();
+                    self.metrics.mqtt_connected.set(1);
+                    match failing_since.take() {
+                        Some(t) => tracing::info!(%broker, session_present = ack.session_present, down_for = ?t.elapsed(), "MQTT reconnected"),
+                        None => tracing::info!(%broker, session_present = ack.session_present, "MQTT connected"),
+                    }
+                    for topic in &self.cfg.topics {
+                        if let Err(e) = client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
+                            tracing::warn!(topic, error = %e, "subscribe request failed; retried on reconnect");
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        tracing::error!(topics = ?self.cfg.topics, "broker refused a subscription (check its ACL)");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.metrics.mqtt_connected.set(0);
+                    if failing_since.is_none() {
+                        failing_since = Some(std::time::Instant::now());
+                        self.metrics.mqtt_reconnects.inc();
+                        log_connection_error(&broker, &e);
+                    } else {
+                        tracing::debug!(%broker, error = %e, "MQTT still unreachable");
+                    }
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+
+        // Shutdown: new messages are not read (the broker keeps them for the session); let
+        // the ones being committed finish and send their PUBACKs, which needs the event loop.
+        tracker.close();
+        let drained = async {
+            let drive = async {
+                loop {
+                    if eventloop.poll().await.is_err() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tracker.wait() => {}
+                _ = drive => {}
+            }
+            // Flush the queued PUBACKs, then say goodbye.
+            let _ = client.disconnect().await;
+            let flush = async {
+                while let Ok(ev) = eventloop.poll().await {
+                    if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(500), flush).await;
+        };
+        if tokio::time::timeout(ACK_DRAIN, drained).await.is_err() {
+            tracing::warn!("MQTT shutdown: some acknowledgements were not sent; the broker will redeliver them");
+        }
+        self.metrics.mqtt_connected.set(0);
+        tracing::info!("MQTT ingest stopped");
+    }
+
+    fn entry_for(&self, publish: &Publish) -> crate::buffer::Entry {
+        let (device_id, sensor) = identity_from_topic(&self.cfg.topics, &publish.topic);
+        let source = format!("mqtt:{}", publish.topic);
+        let origin = Origin {
+            device_id: device_id.as_deref(),
+            sensor: sensor.as_deref(),
+            source: &source,
+            gateway_id: &self.gateway_id,
+            received_ms: now_ms(),
+        };
+        let mut entry = to_entry(&publish.payload, &origin, self.cfg.max_payload_bytes, &self.route, "mqtt", &self.metrics);
+        if let crate::buffer::Entry::DeadLetter(d) = &mut entry {
+            d.origin = publish.topic.clone();
+        }
+        entry
+    }
+}
+
+fn log_connection_error(broker: &str, e: &ConnectionError) {
+    match e {
+        ConnectionError::ConnectionRefused(code) => {
+            tracing::error!(%broker, ?code, "MQTT broker refused the connection (check mqtt.username / mqtt.password and the broker's ACL); retrying")
+        }
+        ConnectionError::Tls(e) => tracing::error!(%broker, error = %e, "MQTT TLS handshake failed (check mqtt.ca_file and the broker's certificate); retrying"),
+        other => tracing::warn!(%broker, error = %other, "MQTT connection lost; reconnecting with backoff"),
+    }
+}
+
+/// Device id and sensor from the `+` levels of the first filter the topic matches: the first
+/// `+` is the device, the second the sensor.
+pub fn identity_from_topic(filters: &[String], topic: &str) -> (Option<String>, Option<String>) {
+    for filter in filters {
+        if let Some(wild) = match_filter(filter, topic) {
+            let mut it = wild.into_iter();
+            return (it.next().map(str::to_string), it.next().map(str::to_string));
+        }
+    }
+    (None, None)
+}
+
+/// The topic levels matched by `+` if `topic` matches `filter`.
+fn match_filter<'t>(filter: &str, topic: &'t str) -> Option<Vec<&'t str>> {
+    let mut wild = Vec::new();
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        match f {
+            "#" => return Some(wild),
+            "+" => wild.push(t.next()?),
+            level => {
+                if t.next()? != level {
+                    return None;
+                }
+            }
+        }
+    }
+    if t.next().is_some() { None } else { Some(wild) }
+}
+
+fn options(cfg: &MqttConfig, client_id: &str) -> Result<MqttOptions, Error> {
+    let url_err = |message: String| Error::Url { url: cfg.url.clone(), message };
+    let url = url::Url::parse(&cfg.url).map_err(|e| url_err(e.to_string()))?;
+    let tls = match url.scheme() {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        other => return Err(url_err(format!("scheme {other:?} is not supported; use mqtt:// or mqtts://"))),
+    };
+    let host = url.host_str().ok_or_else(|| url_err("no host".into()))?;
+    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let mut o = MqttOptions::new(client_id, host, port);
+    o.set_keep_alive(cfg.keep_alive)
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(MQTT_MAX_PACKET, 1024 * 1024);
+    let password = match (&cfg.password, &cfg.password_file) {
+        (Some(p), _) => Some(p.expose().to_string()),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| Error::Setting { key: "mqtt.password_file", message: format!("{}: {e}", file.display()) })?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(user) = &cfg.username {
+        o.set_credentials(user.clone(), password.unwrap_or_default());
+    }
+    if tls {
+        let client = crate::tls::client_config(cfg.ca_file.as_deref())
+            .map_err(|e| Error::Setting { key: "mqtt.ca_file", message: e.to_string() })?;
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client)));
+    }
+    Ok(o)
+}
+
+/// Exposed so tests can build the exact options the agent uses.
+pub fn event_loop(cfg: &MqttConfig, client_id: &str, cap: usize) -> Result<(AsyncClient, EventLoop), Error> {
+    Ok(AsyncClient::new(options(cfg, client_id)?, cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_levels_give_identity() {
+        let f = vec!["sensors/+/+".to_string()];
+        assert_eq!(identity_from_topic(&f, "sensors/dev1/temp"), (Some("dev1".into()), Some("temp".into())));
+        assert_eq!(identity_from_topic(&f, "sensors/dev1"), (None, None));
+        assert_eq!(identity_from_topic(&f, "other/dev1/temp"), (None, None));
+        let f = vec!["site/+/#".to_string()];
+        assert_eq!(identity_from_topic(&f, "site/d/x/y"), (Some("d".into()), None));
+    }
+
+    #[test]
+    fn mqtts_urls_get_tls_and_default_port() {
+        let cfg = MqttConfig { url: "mqtts://broker.example".into(), ..MqttConfig::default() };
+        let o = options(&cfg, "id").expect("options");
+        assert_eq!(o.broker_address(), ("broker.example".to_string(), 8883));
+        assert!(matches!(o.transport(), Transport::Tls(_)));
+        assert!(!o.clean_session());
+        assert!(o.manual_acks());
+    }
+}

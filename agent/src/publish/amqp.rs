@@ -1,0 +1,352 @@
+//! The AMQP publisher: buffer → RabbitMQ, deleting a row only after the broker's confirm.
+//!
+//! An explicit state machine (after uplink's serializer): [`State::Connecting`] opens a
+//! connection, a confirm-mode channel and declares the topology; [`State::Publishing`]
+//! streams rows with many confirms in flight; any failure goes to [`State::Waiting`] with
+//! capped exponential backoff and jitter, and back to connecting. Ingest never waits for
+//! this loop: during an outage it keeps filling the buffer.
+//!
+//! Ordering and at-least-once: rows are published in buffer order. A row is released
+//! (deleted) only after `Confirmation::Ack(None)`. Anything else ends the session: a
+//! reconnect starts again from the oldest pending row, so a nack, a lost connection or a
+//! confirm that never comes republishes rather than loses (consumers drop repeats by
+//! `message_id`). A *returned* message (`Ack(Some(..))`: no queue and no alternate exchange
+//! took it) was not delivered, so it is moved to the dead letters, not released as sent.
+
+use crate::backoff::Backoff;
+use crate::buffer::{Buffer, Entry, NewDeadLetter, StoredRecord};
+use crate::config::AmqpConfig;
+use crate::metrics::Metrics;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// How long shutdown waits for outstanding confirms.
+const CONFIRM_DRAIN: Duration = Duration::from_secs(3);
+/// Rows read from the buffer per query.
+const LOAD_CHUNK: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Retry with backoff: broker unreachable, refused, or the session broke.
+    #[error("AMQP {0}")]
+    Broker(String),
+    /// Operator must act, retried meanwhile: an object exists with other settings.
+    #[error(
+        "AMQP topology: {0} (an exchange or queue exists with other settings; delete it or choose another name in [amqp])"
+    )]
+    Topology(String),
+    /// Retry: the buffer failed to load or release.
+    #[error(transparent)]
+    Buffer(#[from] crate::buffer::Error),
+    /// The broker refused a publish (nack); republished after reconnect.
+    #[error("broker refused (nack) message {0}; republishing after reconnect")]
+    Nacked(String),
+    #[error("no confirm within {0:?}; reconnecting")]
+    ConfirmTimeout(Duration),
+}
+
+impl From<lapin::Error> for Error {
+    fn from(e: lapin::Error) -> Self {
+        Error::Broker(e.to_string())
+    }
+}
+
+enum State {
+    Connecting,
+    Publishing(Session),
+    Waiting(Duration),
+    Stopped,
+}
+
+/// One connection and its confirm-mode channel.
+struct Session {
+    connection: Connection,
+    channel: Channel,
+}
+
+pub struct AmqpPublisher {
+    cfg: AmqpConfig,
+    connection_name: String,
+    buffer: Buffer,
+    metrics: Arc<Metrics>,
+}
+
+impl AmqpPublisher {
+    pub fn new(cfg: AmqpConfig, gateway_id: &str, buffer: Buffer, metrics: Arc<Metrics>) -> AmqpPublisher {
+        AmqpPublisher { cfg, connection_name: format!("edgecase {gateway_id}"), buffer, metrics }
+    }
+
+    /// Runs until `cancel`, then waits briefly for outstanding confirms and closes.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
+        let mut down_since: Option<Instant> = None;
+        let target = crate::config::redact_url(self.cfg.url.expose());
+        let mut state = State::Connecting;
+        loop {
+            state = match state {
+                State::Connecting => match self.connect().await {
+                    Ok(session) => {
+                        backoff.reset();
+                        self.metrics.amqp_connected.set(1);
+                        match down_since.take() {
+                            Some(t) => tracing::info!(broker = %target, down_for = ?t.elapsed(), pending = self.buffer.pending(), "AMQP reconnected; publishing the backlog"),
+                            None => tracing::info!(broker = %target, pending = self.buffer.pending(), "AMQP connected"),
+                        }
+                        State::Publishing(session)
+                    }
+                    Err(e) => {
+                        if down_since.is_none() {
+                            down_since = Some(Instant::now());
+                            tracing::warn!(broker = %target, error = %e, "AMQP unavailable; buffering and retrying with backoff");
+                        } else {
+                            tracing::debug!(broker = %target, error = %e, "AMQP still unavailable");
+                        }
+                        State::Waiting(backoff.next_delay())
+                    }
+                },
+                State::Publishing(session) => {
+                    let result = self.publish(&session, &cancel).await;
+                    self.metrics.amqp_connected.set(0);
+                    self.metrics.publish_in_flight.set(0);
+                    // Best effort: the broker may already be gone.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), session.connection.close(200, "edgecase stopping".into())).await;
+                    match result {
+                        Ok(()) => State::Stopped,
+                        Err(e) => {
+                            self.metrics.publish_reconnects.inc();
+                            down_since = Some(Instant::now());
+                            tracing::warn!(broker = %target, error = %e, pending = self.buffer.pending(), "AMQP session ended; reconnecting with backoff");
+                            State::Waiting(backoff.next_delay())
+                        }
+                    }
+                }
+                State::Waiting(delay) => tokio::select! {
+                    _ = cancel.cancelled() => State::Stopped,
+                    _ = tokio::time::sleep(delay) => State::Connecting,
+                },
+                State::Stopped => break,
+            };
+            if cancel.is_cancelled() && !matches!(state, State::Publishing(_)) {
+                break;
+            }
+        }
+        tracing::info!(pending = self.buffer.pending(), "AMQP publisher stopped");
+    }
+
+    async fn connect(&self) -> Result<Session, Error> {
+        crate::tls::install_crypto_provider();
+        let props = ConnectionProperties::default().with_connection_name(self.connection_name.clone().into());
+        let connect = Connection::connect(self.cfg.url.expose(), props);
+        let connection = tokio::time::timeout(Duration::from_secs(15), connect)
+            .await
+            .map_err(|_| Error::Broker("connect timed out after 15s".into()))??;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        declare_topology(&channel, &self.cfg).await?;
+        Ok(Session { connection, channel })
+    }
+
+    /// Publishes until cancelled (`Ok`) or the session fails (`Err`).
+    async fn publish(&self, session: &Session, cancel: &CancellationToken) -> Result<(), Error> {
+        let max = self.cfg.max_in_flight;
+        let mut cursor = 0i64;
+        let mut in_flight = FuturesOrdered::new();
+        let mut sent_at: VecDeque<Instant> = VecDeque::new();
+        let mut releases: JoinSet<Result<(), crate::buffer::Error>> = JoinSet::new();
+        let mut confirmed: Vec<i64> = Vec::new();
+        let result = loop {
+            // Fill the window from the buffer.
+            let mut loaded_all = true;
+            if in_flight.len() < max && !cancel.is_cancelled() {
+                let want = (max - in_flight.len()).min(LOAD_CHUNK);
+                let rows = self.buffer.load_after(cursor, want).await?;
+                loaded_all = rows.len() < want;
+                for row in rows {
+                    cursor = row.id;
+                    let confirm = publish_row(&session.channel, &row).await?;
+                    let (id, created_ms) = (row.id, row.created_ms);
+                    in_flight.push_back(async move { (id, created_ms, row, confirm.await) });
+                    sent_at.push_back(Instant::now());
+                }
+                self.metrics.publish_in_flight.set(in_flight.len() as i64);
+            }
+            if cancel.is_cancelled() && in_flight.is_empty() {
+                break Ok(());
+            }
+            let head_deadline = sent_at.front().map(|t| *t + self.cfg.confirm_timeout);
+            tokio::select! {
+                biased;
+                next = in_flight.next(), if !in_flight.is_empty() => {
+                    let Some(first) = next else { continue };
+                    sent_at.pop_front();
+                    self.settle(first, &mut confirmed).await?;
+                    // Take every confirm that is already there in the same pass.
+                    while let Some(Some(more)) = futures_util::FutureExt::now_or_never(in_flight.next()) {
+                        sent_at.pop_front();
+                        self.settle(more, &mut confirmed).await?;
+                    }
+                    self.metrics.publish_in_flight.set(in_flight.len() as i64);
+                }
+                _ = sleep_until_opt(head_deadline) => break Err(Error::ConfirmTimeout(self.cfg.confirm_timeout)),
+                _ = cancel.cancelled() => {
+                    tracing::info!(in_flight = in_flight.len(), "AMQP publisher draining confirms");
+                    let drain = async {
+                        while let Some(c) = in_flight.next().await {
+                            self.settle(c, &mut confirmed).await?;
+                        }
+                        Ok::<(), Error>(())
+                    };
+                    let r = tokio::time::timeout(CONFIRM_DRAIN, drain).await;
+                    break match r { Ok(r) => r, Err(_) => Ok(()) };
+                }
+                _ = self.buffer.wait_for_data(), if loaded_all && in_flight.len() < max => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)), if loaded_all => {}
+            }
+            if !confirmed.is_empty() {
+                let ids = std::mem::take(&mut confirmed);
+                let buffer = self.buffer.clone();
+                releases.spawn(async move { buffer.release(ids).await });
+                // Keep a few releases in flight; their commits group with ingest's.
+                while releases.len() > 4 {
+                    if let Some(r) = releases.join_next().await {
+                        flatten(r)?;
+                    }
+                }
+            }
+            while let Some(r) = releases.try_join_next() {
+                flatten(r)?;
+            }
+        };
+        // Whatever happened, confirmed rows must be released before a reconnect reloads the
+        // buffer from the start, or they would be published again.
+        if !confirmed.is_empty() {
+            self.buffer.release(std::mem::take(&mut confirmed)).await?;
+        }
+        while let Some(r) = releases.join_next().await {
+            flatten(r)?;
+        }
+        result
+    }
+
+    /// Handles one confirm: confirmed rows are queued for release.
+    async fn settle(
+        &self,
+        (id, created_ms, row, confirmation): (i64, i64, StoredRecord, lapin::Result<Confirmation>),
+        confirmed: &mut Vec<i64>,
+    ) -> Result<(), Error> {
+        match confirmation? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => {
+                confirmed.push(id);
+                self.metrics.publish_confirmed.inc();
+                self.metrics.made_progress();
+                let age_ms = crate::reading::now_ms().saturating_sub(created_ms).max(0);
+                self.metrics.publish_latency_seconds.observe(age_ms as f64 / 1000.0);
+                Ok(())
+            }
+            Confirmation::Ack(Some(returned)) => {
+                self.metrics.publish_unrouted.inc();
+                let reason = format!(
+                    "returned by the broker as unroutable ({} {}) from exchange {} with routing key {}",
+                    returned.reply_code, returned.reply_text, row.exchange, row.routing_key
+                );
+                tracing::warn!(message_id = %row.message_id, %reason, "message dead-lettered");
+                self.buffer
+                    .append(vec![Entry::DeadLetter(NewDeadLetter {
+                        source: "amqp".into(),
+                        origin: format!("{}/{}", row.exchange, row.routing_key),
+                        device_id: Some(row.device_id.clone()),
+                        sensor: None,
+                        reason,
+                        raw: row.payload,
+                    })])
+                    .await?;
+                confirmed.push(id);
+                Ok(())
+            }
+            Confirmation::Nack(_) => {
+                self.metrics.publish_nacked.inc();
+                Err(Error::Nacked(row.message_id))
+            }
+        }
+    }
+}
+
+fn flatten(r: Result<Result<(), crate::buffer::Error>, tokio::task::JoinError>) -> Result<(), Error> {
+    match r {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(Error::Broker(format!("release task failed: {e}"))),
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Publishes one row: persistent, mandatory, with its stable `message_id`.
+async fn publish_row(channel: &Channel, row: &StoredRecord) -> Result<lapin::PublisherConfirm, Error> {
+    let mut headers = FieldTable::default();
+    headers.insert("x-device-id".into(), AMQPValue::LongString(row.device_id.as_str().into()));
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(row.message_id.as_str().into())
+        .with_timestamp((row.created_ms / 1000).max(0) as u64)
+        .with_headers(headers);
+    let opts = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    Ok(channel
+        .basic_publish(ShortString::from(row.exchange.as_str()), ShortString::from(row.routing_key.as_str()), opts, &row.payload, props)
+        .await?)
+}
+
+/// Declares the brief's topology, idempotently: the readings and cases topic exchanges
+/// (each with the unrouted alternate exchange), the dead-letter exchange, and the durable
+/// queue that keeps unrouted messages.
+pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> Result<(), Error> {
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let topology = |what: &str, e: lapin::Error| Error::Topology(format!("{what}: {e}"));
+    channel
+        .exchange_declare(cfg.unrouted_exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .await
+        .map_err(|e| topology(&format!("exchange {}", cfg.unrouted_exchange), e))?;
+    channel
+        .queue_declare(
+            cfg.unrouted_queue.as_str().into(),
+            QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| topology(&format!("queue {}", cfg.unrouted_queue), e))?;
+    channel
+        .queue_bind(
+            cfg.unrouted_queue.as_str().into(),
+            cfg.unrouted_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut with_ae = FieldTable::default();
+    with_ae.insert("alternate-exchange".into(), AMQPValue::LongString(cfg.unrouted_exchange.as_str().into()));
+    for name in [&cfg.readings_exchange, &cfg.cases_exchange] {
+        channel
+            .exchange_declare(name.as_str().into(), ExchangeKind::Topic, durable, with_ae.clone())
+            .await
+            .map_err(|e| topology(&format!("exchange {name}"), e))?;
+    }
+    channel
+        .exchange_declare(cfg.dead_letter_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .await
+        .map_err(|e| topology(&format!("exchange {}", cfg.dead_letter_exchange), e))?;
+    Ok(())
+}
