@@ -25,8 +25,14 @@ pub async fn serve(
 ) -> Result<(std::net::SocketAddr, impl Future<Output = ()> + Send + use<>), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
-    let local = listener.local_addr().map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
+        .map_err(|source| Error::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| Error::Bind {
+        addr: addr.to_string(),
+        source,
+    })?;
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(health_handler))
@@ -42,7 +48,10 @@ pub async fn serve(
 
 async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         metrics.encode(),
     )
 }
@@ -55,5 +64,9 @@ async fn health_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
         "pending": m.buffer_pending_readings.get(),
         "dead_letters": m.buffer_dead_letters.get(),
     });
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string())
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
 }

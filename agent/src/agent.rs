@@ -62,7 +62,8 @@ impl Agent {
         let output = TaskTracker::new();
         let output_cancel = CancellationToken::new();
         if config.amqp.enabled {
-            let publisher = AmqpPublisher::new(config.amqp.clone(), &config.gateway.id, buffer.clone(), metrics.clone());
+            let publisher =
+                AmqpPublisher::new(config.amqp.clone(), &config.gateway.id, buffer.clone(), metrics.clone());
             output.spawn(publisher.run(output_cancel.clone()));
         } else {
             tracing::warn!("amqp.enabled is false: readings stay in the buffer");
@@ -86,7 +87,17 @@ impl Agent {
             serial_ports = config.serial.len(),
             "edgecase agent started"
         );
-        Ok(Agent { metrics, admin_addr, ingest, ingest_cancel, output, output_cancel, admin_cancel, writer, buffer })
+        Ok(Agent {
+            metrics,
+            admin_addr,
+            ingest,
+            ingest_cancel,
+            output,
+            output_cancel,
+            admin_cancel,
+            writer,
+            buffer,
+        })
     }
 
     /// Stops in order: ingest, publisher, buffer.

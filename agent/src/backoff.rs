@@ -22,7 +22,11 @@ impl Backoff {
             .with_factor(2.0)
             .with_jitter()
             .without_max_times();
-        Backoff { current: builder.build(), builder, max }
+        Backoff {
+            current: builder.build(),
+            builder,
+            max,
+        }
     }
 
     /// The next delay: doubling from `min`, capped at `max`, with jitter.
@@ -45,7 +49,10 @@ mod tests {
     fn grows_to_the_cap_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(10), Duration::from_millis(100));
         let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(10) && delays[0] <= Duration::from_millis(20), "{delays:?}");
+        assert!(
+            delays[0] >= Duration::from_millis(10) && delays[0] <= Duration::from_millis(20),
+            "{delays:?}"
+        );
         assert!(delays.iter().all(|d| *d <= Duration::from_millis(100)), "{delays:?}");
         assert!(delays[9] >= Duration::from_millis(50), "{delays:?}");
         b.reset();

@@ -46,7 +46,12 @@ pub enum Error {
     #[error(
         "buffer full: {pending} messages / {bytes} bytes pending (caps buffer.max_readings {max_readings}, buffer.max_bytes {max_bytes}); input is held until the publisher catches up"
     )]
-    Full { pending: u64, bytes: u64, max_readings: u64, max_bytes: u64 },
+    Full {
+        pending: u64,
+        bytes: u64,
+        max_readings: u64,
+        max_bytes: u64,
+    },
     /// The database failed (disk full, I/O error, corruption). Nothing in the failed batch
     /// was committed: hold the input and retry; an operator must act if it persists.
     #[error("buffer database {path}: {message}")]
@@ -135,9 +140,18 @@ pub struct Stats {
 }
 
 enum Command {
-    Append { entries: Vec<Entry>, reply: oneshot::Sender<Result<AppendReport, Error>> },
-    Release { ids: Vec<i64>, reply: oneshot::Sender<Result<(), Error>> },
-    DeleteDeadLetters { ids: Vec<i64>, reply: oneshot::Sender<Result<u64, Error>> },
+    Append {
+        entries: Vec<Entry>,
+        reply: oneshot::Sender<Result<AppendReport, Error>>,
+    },
+    Release {
+        ids: Vec<i64>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    DeleteDeadLetters {
+        ids: Vec<i64>,
+        reply: oneshot::Sender<Result<u64, Error>>,
+    },
 }
 
 impl Command {
@@ -192,7 +206,8 @@ impl WriterThread {
 impl Buffer {
     /// Opens (creating if needed) the buffer in `data_dir`, taking the directory's lock.
     pub fn open(data_dir: &Path, cfg: &BufferConfig, metrics: Arc<Metrics>) -> Result<(Buffer, WriterThread), Error> {
-        std::fs::create_dir_all(data_dir).map_err(|e| storage(data_dir, format!("cannot create data directory: {e}")))?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| storage(data_dir, format!("cannot create data directory: {e}")))?;
         let lock = lock_data_dir(data_dir)?;
         let path = data_dir.join(DB_FILE);
         let writer = open_connection(&path)?;
@@ -210,7 +225,12 @@ impl Buffer {
         shared.publish_gauges();
         // Bounded: a full command queue blocks appenders, which is back-pressure too.
         let (tx, rx) = mpsc::channel(cfg.max_batch.max(64));
-        let state = WriterState { conn: writer, path: path.clone(), cfg: cfg.clone(), shared: shared.clone() };
+        let state = WriterState {
+            conn: writer,
+            path: path.clone(),
+            cfg: cfg.clone(),
+            shared: shared.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("buffer-writer".into())
             .spawn(move || state.run(rx))
@@ -219,7 +239,13 @@ impl Buffer {
             tracing::info!(pending, pending_bytes, "resuming: buffered messages will be published");
         }
         Ok((
-            Buffer { tx, reader: Arc::new(Mutex::new(reader)), shared, path, _lock: Arc::new(lock) },
+            Buffer {
+                tx,
+                reader: Arc::new(Mutex::new(reader)),
+                shared,
+                path,
+                _lock: Arc::new(lock),
+            },
             WriterThread(thread),
         ))
     }
@@ -227,7 +253,10 @@ impl Buffer {
     /// Commits `entries` in the next group commit. Returns after the commit.
     pub async fn append(&self, entries: Vec<Entry>) -> Result<AppendReport, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Append { entries, reply }).await.map_err(|_| Error::Closed)?;
+        self.tx
+            .send(Command::Append { entries, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -237,14 +266,20 @@ impl Buffer {
             return Ok(());
         }
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Release { ids, reply }).await.map_err(|_| Error::Closed)?;
+        self.tx
+            .send(Command::Release { ids, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Deletes dead letters (after a successful replay).
     pub async fn delete_dead_letters(&self, ids: Vec<i64>) -> Result<u64, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::DeleteDeadLetters { ids, reply }).await.map_err(|_| Error::Closed)?;
+        self.tx
+            .send(Command::DeleteDeadLetters { ids, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
@@ -288,7 +323,10 @@ impl Buffer {
 }
 
 fn storage(path: &Path, e: impl ToString) -> Error {
-    Error::Storage { path: path.to_path_buf(), message: e.to_string() }
+    Error::Storage {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 /// One agent per data directory: two writers would each think they own the buffer's counts
@@ -311,7 +349,8 @@ fn lock_data_dir(dir: &Path) -> Result<File, Error> {
 /// Opens the database with the durability settings the guarantees depend on.
 fn open_connection(path: &Path) -> Result<Connection, Error> {
     let conn = Connection::open(path).map_err(|e| storage(path, e))?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| storage(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(|e| storage(path, e))?;
     // WAL: readers (the publisher, operator commands) never block the writer.
     // synchronous=FULL: the WAL is fsynced at every commit; under NORMAL a commit can be
     // lost on power failure, and acknowledged data must not be.
@@ -319,7 +358,10 @@ fn open_connection(path: &Path) -> Result<Connection, Error> {
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .map_err(|e| storage(path, e))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(storage(path, format!("cannot enable WAL (journal_mode is {mode}); is the file system local?")));
+        return Err(storage(
+            path,
+            format!("cannot enable WAL (journal_mode is {mode}); is the file system local?"),
+        ));
     }
     conn.execute_batch(
         "PRAGMA synchronous=FULL;
@@ -348,11 +390,16 @@ fn open_connection(path: &Path) -> Result<Connection, Error> {
 }
 
 fn count(conn: &Connection) -> rusqlite::Result<(u64, u64, u64, i64)> {
-    let (pending, bytes): (i64, i64) =
-        conn.query_row("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (pending, bytes): (i64, i64) = conn.query_row(
+        "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let dead: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
     let last: Option<i64> = conn
-        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| r.get(0))
+        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| {
+            r.get(0)
+        })
         .optional()?;
     Ok((pending as u64, bytes as u64, dead as u64, last.unwrap_or(0)))
 }
@@ -379,9 +426,12 @@ fn load_after(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<V
 impl Shared {
     fn publish_gauges(&self) {
         let m = &self.metrics;
-        m.buffer_pending_readings.set(self.pending.load(Ordering::Acquire) as i64);
-        m.buffer_pending_bytes.set(self.pending_bytes.load(Ordering::Acquire) as i64);
-        m.buffer_dead_letters.set(self.dead_letters.load(Ordering::Acquire) as i64);
+        m.buffer_pending_readings
+            .set(self.pending.load(Ordering::Acquire) as i64);
+        m.buffer_pending_bytes
+            .set(self.pending_bytes.load(Ordering::Acquire) as i64);
+        m.buffer_dead_letters
+            .set(self.dead_letters.load(Ordering::Acquire) as i64);
     }
 }
 
@@ -592,7 +642,15 @@ fn apply_append(
     for entry in entries {
         match entry {
             Entry::Record(r) => {
-                if insert.execute(params![r.message_id, r.exchange, r.routing_key, r.device_id, r.payload, now])? == 1 {
+                if insert.execute(params![
+                    r.message_id,
+                    r.exchange,
+                    r.routing_key,
+                    r.device_id,
+                    r.payload,
+                    now
+                ])? == 1
+                {
                     tally.pending += 1;
                     tally.bytes += r.payload.len() as u64;
                     tally.committed += 1;
@@ -605,7 +663,14 @@ fn apply_append(
             }
             Entry::DeadLetter(d) => {
                 let (raw, reason) = if d.raw.len() > DEAD_LETTER_RAW_MAX {
-                    (&d.raw[..DEAD_LETTER_RAW_MAX], format!("{} (raw cut to {DEAD_LETTER_RAW_MAX} of {} bytes)", d.reason, d.raw.len()))
+                    (
+                        &d.raw[..DEAD_LETTER_RAW_MAX],
+                        format!(
+                            "{} (raw cut to {DEAD_LETTER_RAW_MAX} of {} bytes)",
+                            d.reason,
+                            d.raw.len()
+                        ),
+                    )
                 } else {
                     (&d.raw[..], d.reason)
                 };
@@ -618,13 +683,21 @@ fn apply_append(
     Ok(Ok(report))
 }
 
-fn drop_oldest(tx: &rusqlite::Transaction<'_>, cfg: &BufferConfig, tally: &mut Tally, n: u64, bytes: u64) -> rusqlite::Result<()> {
+fn drop_oldest(
+    tx: &rusqlite::Transaction<'_>,
+    cfg: &BufferConfig,
+    tally: &mut Tally,
+    n: u64,
+    bytes: u64,
+) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
         "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?1) RETURNING length(payload)",
     )?;
     while tally.pending > 0 && (tally.pending + n > cfg.max_readings || tally.bytes + bytes > cfg.max_bytes) {
         let excess = (tally.pending + n).saturating_sub(cfg.max_readings).clamp(1, 1024);
-        let sizes: Vec<i64> = stmt.query_map([excess as i64], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let sizes: Vec<i64> = stmt
+            .query_map([excess as i64], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         if sizes.is_empty() {
             break;
         }
@@ -633,7 +706,10 @@ fn drop_oldest(tx: &rusqlite::Transaction<'_>, cfg: &BufferConfig, tally: &mut T
         tally.dropped += sizes.len() as u64;
     }
     if tally.dropped > 0 {
-        tracing::warn!(dropped = tally.dropped, "buffer full: oldest messages dropped (buffer.overflow = drop-oldest)");
+        tracing::warn!(
+            dropped = tally.dropped,
+            "buffer full: oldest messages dropped (buffer.overflow = drop-oldest)"
+        );
     }
     Ok(())
 }
@@ -675,9 +751,15 @@ impl Inspector {
     pub fn open(data_dir: &Path) -> Result<Inspector, Error> {
         let path = data_dir.join(DB_FILE);
         if !path.exists() {
-            return Err(storage(&path, "no buffer here (the agent has not run with this --data-dir)"));
+            return Err(storage(
+                &path,
+                "no buffer here (the agent has not run with this --data-dir)",
+            ));
         }
-        Ok(Inspector { conn: open_connection(&path)?, path })
+        Ok(Inspector {
+            conn: open_connection(&path)?,
+            path,
+        })
     }
 
     pub fn stats(&self) -> Result<Stats, Error> {
@@ -691,14 +773,22 @@ impl Inspector {
             .filter_map(|s| std::fs::metadata(format!("{}{s}", self.path.display())).ok())
             .map(|m| m.len())
             .sum();
-        Ok(Stats { pending, pending_bytes, oldest_created_ms, dead_letters, file_bytes })
+        Ok(Stats {
+            pending,
+            pending_bytes,
+            oldest_created_ms,
+            dead_letters,
+            file_bytes,
+        })
     }
 
     /// Dead letters, oldest first, optionally only the given ids.
     pub fn dead_letters(&self, ids: &[i64], limit: usize) -> Result<Vec<StoredDeadLetter>, Error> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, received_ms, source, origin, device_id, sensor, reason, raw FROM dead_letters ORDER BY id")
+            .prepare(
+                "SELECT id, received_ms, source, origin, device_id, sensor, reason, raw FROM dead_letters ORDER BY id",
+            )
             .map_err(|e| storage(&self.path, e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -755,13 +845,22 @@ impl Inspector {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(|e| storage(&path, e))?;
-            let mut delete = tx.prepare("DELETE FROM dead_letters WHERE id = ?1").map_err(|e| storage(&path, e))?;
+            let mut delete = tx
+                .prepare("DELETE FROM dead_letters WHERE id = ?1")
+                .map_err(|e| storage(&path, e))?;
             let now = crate::reading::now_ms();
             for d in letters {
                 match parse(d) {
                     Ok(r) => {
                         let n = insert
-                            .execute(params![r.message_id, r.exchange, r.routing_key, r.device_id, r.payload, now])
+                            .execute(params![
+                                r.message_id,
+                                r.exchange,
+                                r.routing_key,
+                                r.device_id,
+                                r.payload,
+                                now
+                            ])
                             .map_err(|e| storage(&path, e))?;
                         if n == 1 {
                             report.queued += 1;
@@ -784,7 +883,11 @@ mod tests {
     use super::*;
 
     fn cfg() -> BufferConfig {
-        BufferConfig { max_readings: 100, max_bytes: 1 << 20, ..BufferConfig::default() }
+        BufferConfig {
+            max_readings: 100,
+            max_bytes: 1 << 20,
+            ..BufferConfig::default()
+        }
     }
 
     fn record(i: u64) -> Entry {
@@ -839,7 +942,10 @@ mod tests {
     #[tokio::test]
     async fn refuse_policy_holds_input_when_full() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = BufferConfig { max_readings: 5, ..cfg() };
+        let c = BufferConfig {
+            max_readings: 5,
+            ..cfg()
+        };
         let (buf, _w) = Buffer::open(dir.path(), &c, Arc::new(Metrics::new())).expect("open");
         buf.append((0..5).map(record).collect()).await.expect("append");
         let err = buf.append(vec![record(9)]).await.unwrap_err();
@@ -852,12 +958,22 @@ mod tests {
     #[tokio::test]
     async fn drop_oldest_policy_makes_room_and_counts() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = BufferConfig { max_readings: 5, overflow: OverflowPolicy::DropOldest, ..cfg() };
+        let c = BufferConfig {
+            max_readings: 5,
+            overflow: OverflowPolicy::DropOldest,
+            ..cfg()
+        };
         let m = Arc::new(Metrics::new());
         let (buf, _w) = Buffer::open(dir.path(), &c, m.clone()).expect("open");
         buf.append((0..5).map(record).collect()).await.expect("append");
         buf.append(vec![record(5), record(6)]).await.expect("append");
-        let ids: Vec<String> = buf.load_after(0, 10).await.expect("load").into_iter().map(|r| r.message_id).collect();
+        let ids: Vec<String> = buf
+            .load_after(0, 10)
+            .await
+            .expect("load")
+            .into_iter()
+            .map(|r| r.message_id)
+            .collect();
         assert_eq!(ids, ["m2", "m3", "m4", "m5", "m6"]);
         assert_eq!(m.buffer_dropped.get(), 2);
     }

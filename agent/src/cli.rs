@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 /// a crash-safe SQLite buffer until RabbitMQ has confirmed it, and publishes them over AMQP.
 #[derive(Debug, Parser)]
 #[command(name = "edgecase", version, propagate_version = true, max_term_width = 100)]
-#[command(after_help = "Start with `edgecase check --config examples/gateway.toml`, then `edgecase run` with the same file.\n\
-Every setting can be overridden by an environment variable EDGECASE__SECTION__KEY, e.g. EDGECASE__AMQP__URL.")]
+#[command(
+    after_help = "Start with `edgecase check --config examples/gateway.toml`, then `edgecase run` with the same file.\n\
+Every setting can be overridden by an environment variable EDGECASE__SECTION__KEY, e.g. EDGECASE__AMQP__URL."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -113,7 +115,10 @@ fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     // try_init also routes the `log` records of rumqttc and lapin into tracing.
     let _ = match config.log.format {
         LogFormat::Plain => builder.try_init(),
@@ -125,7 +130,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let config = load(args.config.config.as_deref())?;
     init_logging(&config);
     let data_dir = config.data_dir(args.data_dir.as_deref());
-    let agent = Agent::start(&config, data_dir).await.context("cannot start the agent")?;
+    let agent = Agent::start(&config, data_dir)
+        .await
+        .context("cannot start the agent")?;
     shutdown_signal().await;
     agent.shutdown().await;
     Ok(())
@@ -133,7 +140,10 @@ async fn run(args: RunArgs) -> Result<()> {
 
 fn check(args: ConfigArgs) -> Result<()> {
     let config = load(args.config.as_deref())?;
-    let origin = args.config.as_deref().map_or("built-in defaults".to_string(), |p| p.display().to_string());
+    let origin = args
+        .config
+        .as_deref()
+        .map_or("built-in defaults".to_string(), |p| p.display().to_string());
     println!("# {origin}: OK (environment overrides applied; secrets shown as ***)");
     println!("# data directory: {}", config.data_dir(None).display());
     print!("{}", config.to_redacted_toml());
@@ -162,9 +172,14 @@ fn buffer(cmd: BufferCommand) -> Result<()> {
                 println!("{v}");
             } else {
                 println!("data directory   {}", dir.display());
-                println!("pending          {} messages, {} bytes", stats.pending, stats.pending_bytes);
+                println!(
+                    "pending          {} messages, {} bytes",
+                    stats.pending, stats.pending_bytes
+                );
                 match (stats.oldest_created_ms, oldest_age_s) {
-                    (Some(t), Some(age)) => println!("oldest pending   {} ({age:.1} s ago)", format_ms(t)),
+                    (Some(t), Some(age)) => {
+                        println!("oldest pending   {} ({age:.1} s ago)", format_ms(t))
+                    }
                     _ => println!("oldest pending   -"),
                 }
                 println!("dead letters     {}", stats.dead_letters);
@@ -205,7 +220,9 @@ fn buffer(cmd: BufferCommand) -> Result<()> {
                     }
                 }
             }
-            let route = Route { readings_exchange: config.amqp.readings_exchange.clone() };
+            let route = Route {
+                readings_exchange: config.amqp.readings_exchange.clone(),
+            };
             let limit = config.mqtt.max_payload_bytes;
             let report = inspector.replay(&selected, |d| reparse(d, &config.gateway.id, limit, &route))?;
             for (id, why) in &report.still_failing {
@@ -213,7 +230,9 @@ fn buffer(cmd: BufferCommand) -> Result<()> {
             }
             println!(
                 "replayed {} dead letter(s) into the buffer ({} already pending), {} still rejected",
-                report.queued, report.duplicates, report.still_failing.len()
+                report.queued,
+                report.duplicates,
+                report.still_failing.len()
             );
             Ok(())
         }
@@ -229,7 +248,9 @@ fn reparse(d: &StoredDeadLetter, gateway_id: &str, limit: usize, route: &Route) 
         gateway_id,
         received_ms: d.received_ms,
     };
-    Reading::parse(&d.raw, &origin, limit).map(|r| record(&r, route)).map_err(|e| e.to_string())
+    Reading::parse(&d.raw, &origin, limit)
+        .map(|r| record(&r, route))
+        .map_err(|e| e.to_string())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -68,7 +68,10 @@ pub struct GatewayConfig {
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        GatewayConfig { id: default_gateway_id(), data_dir: None }
+        GatewayConfig {
+            id: default_gateway_id(),
+            data_dir: None,
+        }
     }
 }
 
@@ -100,7 +103,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Plain, level: "info".into() }
+        LogConfig {
+            format: LogFormat::Plain,
+            level: "info".into(),
+        }
     }
 }
 
@@ -296,7 +302,10 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { enabled: true, listen: "127.0.0.1:9464".into() }
+        AdminConfig {
+            enabled: true,
+            listen: "127.0.0.1:9464".into(),
+        }
     }
 }
 
@@ -319,7 +328,10 @@ impl Config {
     }
 
     /// As [`Config::load`], with the environment given explicitly (for tests).
-    pub fn load_with_env(file: Option<&Path>, env: Option<std::collections::HashMap<String, String>>) -> Result<Config, Error> {
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Config, Error> {
         let origin = match file {
             Some(f) => f.display().to_string(),
             None => "built-in defaults".to_string(),
@@ -327,7 +339,10 @@ impl Config {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             if !path.exists() {
-                return Err(Error::Load { origin, message: "file not found".into() });
+                return Err(Error::Load {
+                    origin,
+                    message: "file not found".into(),
+                });
             }
             let format = match path.extension().and_then(|e| e.to_str()) {
                 Some("json") => config::FileFormat::Json,
@@ -351,9 +366,17 @@ impl Config {
             env_source = env_source.source(Some(vars));
         }
         builder = builder.add_source(env_source);
-        let raw = builder.build().map_err(|e| Error::Load { origin: origin.clone(), message: e.to_string() })?;
-        let config: Config = raw.try_deserialize().map_err(|e| Error::Load { origin: origin.clone(), message: explain(e) })?;
-        config.validate().map_err(|problems| Error::Invalid { origin, problems })?;
+        let raw = builder.build().map_err(|e| Error::Load {
+            origin: origin.clone(),
+            message: e.to_string(),
+        })?;
+        let config: Config = raw.try_deserialize().map_err(|e| Error::Load {
+            origin: origin.clone(),
+            message: explain(e),
+        })?;
+        config
+            .validate()
+            .map_err(|problems| Error::Invalid { origin, problems })?;
         Ok(config)
     }
 
@@ -405,7 +428,10 @@ impl Config {
             check_positive(&mut p, &format!("serial[{i}].max_line_bytes"), s.max_line_bytes as u64);
             check_backoff(&mut p, &format!("serial[{i}]"), s.reopen_min, s.reopen_max);
             if let Some(j) = self.serial[..i].iter().position(|o| o.path == s.path) {
-                p.push(format!("serial[{i}].path: {} is already used by serial[{j}]", s.path.display()));
+                p.push(format!(
+                    "serial[{i}].path: {} is already used by serial[{j}]",
+                    s.path.display()
+                ));
             }
         }
         let b = &self.buffer;
@@ -432,14 +458,20 @@ impl Config {
             check_backoff(&mut p, "amqp", a.reconnect_min, a.reconnect_max);
         }
         if self.admin.enabled && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
-            p.push(format!("admin.listen: {:?} is not an address such as 127.0.0.1:9464", self.admin.listen));
+            p.push(format!(
+                "admin.listen: {:?} is not an address such as 127.0.0.1:9464",
+                self.admin.listen
+            ));
         }
         if p.is_empty() { Ok(()) } else { Err(p) }
     }
 
     /// The MQTT client id: configured, or derived from the gateway id.
     pub fn mqtt_client_id(&self) -> String {
-        self.mqtt.client_id.clone().unwrap_or_else(|| format!("edgecase-{}", self.gateway.id))
+        self.mqtt
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("edgecase-{}", self.gateway.id))
     }
 
     /// Where state lives: `--data-dir`, then `gateway.data_dir`, then `$STATE_DIRECTORY`
@@ -483,7 +515,11 @@ fn check_url(p: &mut Vec<String>, key: &str, url: &str, schemes: &[&str]) {
         Ok(u) if !schemes.contains(&u.scheme()) => p.push(format!(
             "{key}: scheme {:?} is not supported; use {}",
             u.scheme(),
-            schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(" or ")
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(" or ")
         )),
         Ok(u) if u.host_str().is_none_or(str::is_empty) => p.push(format!("{key}: {:?} has no host", redact_url(url))),
         Ok(_) => {}
@@ -529,7 +565,11 @@ fn check_topic_filter(t: &str) -> Result<(), &'static str> {
 /// hint for the most common one.
 fn explain(e: config::ConfigError) -> String {
     let s = e.to_string();
-    if s.contains("unknown field") { format!("{s} (check the spelling; `edgecase check --help` lists the keys)") } else { s }
+    if s.contains("unknown field") {
+        format!("{s} (check the spelling; `edgecase check --help` lists the keys)")
+    } else {
+        s
+    }
 }
 
 #[cfg(test)]
@@ -565,15 +605,20 @@ mod tests {
 
     #[test]
     fn bad_type_names_key() {
-        let err = load(".toml", "[buffer]\nmax_readings = \"lots\"\n").unwrap_err().to_string();
+        let err = load(".toml", "[buffer]\nmax_readings = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("buffer.max_readings"), "{err}");
     }
 
     #[test]
     fn every_problem_is_reported() {
-        let err = load(".toml", "[amqp]\nurl = \"http://x\"\nmax_in_flight = 0\n[mqtt]\ntopics = [\"a/b#\"]\n")
-            .unwrap_err()
-            .to_string();
+        let err = load(
+            ".toml",
+            "[amqp]\nurl = \"http://x\"\nmax_in_flight = 0\n[mqtt]\ntopics = [\"a/b#\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("amqp.url: scheme \"http\" is not supported"), "{err}");
         assert!(err.contains("amqp.max_in_flight"), "{err}");
         assert!(err.contains("mqtt.topics[0]"), "{err}");
@@ -581,7 +626,10 @@ mod tests {
 
     #[test]
     fn json_files_work_and_env_overrides() {
-        let f = write(".json", r#"{"mqtt": {"url": "mqtt://10.0.0.1:1883"}, "serial": [{"path": "/dev/ttyUSB0"}]}"#);
+        let f = write(
+            ".json",
+            r#"{"mqtt": {"url": "mqtt://10.0.0.1:1883"}, "serial": [{"path": "/dev/ttyUSB0"}]}"#,
+        );
         let env = HashMap::from([
             ("EDGECASE__MQTT__URL".to_string(), "mqtts://broker:8883".to_string()),
             ("EDGECASE__BUFFER__MAX_READINGS".to_string(), "42".to_string()),
@@ -594,7 +642,11 @@ mod tests {
 
     #[test]
     fn check_output_hides_secrets() {
-        let c = load(".toml", "[amqp]\nurl = \"amqp://bob:hunter2@h:5672/%2f\"\n[mqtt]\npassword = \"s3cret\"\n").expect("valid");
+        let c = load(
+            ".toml",
+            "[amqp]\nurl = \"amqp://bob:hunter2@h:5672/%2f\"\n[mqtt]\npassword = \"s3cret\"\n",
+        )
+        .expect("valid");
         let shown = c.to_redacted_toml();
         assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("amqp://bob:***@h:5672/%2f"), "{shown}");

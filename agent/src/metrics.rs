@@ -90,27 +90,111 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("edgecase_ingest_readings", "Readings accepted into the buffer", m.ingest_readings.clone());
-        r.register("edgecase_ingest_dead_letters", "Inputs rejected and dead-lettered", m.ingest_dead_letters.clone());
-        r.register("edgecase_mqtt_connected", "1 while connected to the MQTT broker", m.mqtt_connected.clone());
-        r.register("edgecase_mqtt_reconnects", "MQTT connection losses", m.mqtt_reconnects.clone());
-        r.register("edgecase_serial_port_open", "1 while the serial port is open", m.serial_port_open.clone());
-        r.register("edgecase_serial_reopens", "Serial port losses", m.serial_reopens.clone());
-        r.register("edgecase_buffer_pending_readings", "Messages waiting for a broker confirm", m.buffer_pending_readings.clone());
-        r.register("edgecase_buffer_pending_bytes", "Payload bytes waiting for a broker confirm", m.buffer_pending_bytes.clone());
-        r.register("edgecase_buffer_dead_letters", "Dead letters kept in the buffer", m.buffer_dead_letters.clone());
-        r.register("edgecase_buffer_committed", "Messages committed to the buffer", m.buffer_committed.clone());
-        r.register("edgecase_buffer_commits", "Buffer transactions committed", m.buffer_commits.clone());
-        r.register("edgecase_buffer_duplicates", "Messages already in the buffer (same message_id)", m.buffer_duplicates.clone());
-        r.register("edgecase_buffer_dropped", "Messages deleted unsent by the drop-oldest overflow policy", m.buffer_dropped.clone());
-        r.register("edgecase_buffer_refused", "Appends refused because the buffer was full", m.buffer_refused.clone());
-        r.register("edgecase_buffer_released", "Messages deleted after the broker confirmed them", m.buffer_released.clone());
-        r.register("edgecase_publish_confirmed", "Publishes confirmed by the broker", m.publish_confirmed.clone());
-        r.register("edgecase_publish_nacked", "Publishes the broker refused (retried)", m.publish_nacked.clone());
-        r.register("edgecase_publish_unrouted", "Publishes returned unroutable (dead-lettered)", m.publish_unrouted.clone());
-        r.register("edgecase_publish_reconnects", "AMQP connection losses", m.publish_reconnects.clone());
-        r.register("edgecase_publish_in_flight", "Publishes awaiting a confirm", m.publish_in_flight.clone());
-        r.register("edgecase_amqp_connected", "1 while connected to the AMQP broker", m.amqp_connected.clone());
+        r.register(
+            "edgecase_ingest_readings",
+            "Readings accepted into the buffer",
+            m.ingest_readings.clone(),
+        );
+        r.register(
+            "edgecase_ingest_dead_letters",
+            "Inputs rejected and dead-lettered",
+            m.ingest_dead_letters.clone(),
+        );
+        r.register(
+            "edgecase_mqtt_connected",
+            "1 while connected to the MQTT broker",
+            m.mqtt_connected.clone(),
+        );
+        r.register(
+            "edgecase_mqtt_reconnects",
+            "MQTT connection losses",
+            m.mqtt_reconnects.clone(),
+        );
+        r.register(
+            "edgecase_serial_port_open",
+            "1 while the serial port is open",
+            m.serial_port_open.clone(),
+        );
+        r.register(
+            "edgecase_serial_reopens",
+            "Serial port losses",
+            m.serial_reopens.clone(),
+        );
+        r.register(
+            "edgecase_buffer_pending_readings",
+            "Messages waiting for a broker confirm",
+            m.buffer_pending_readings.clone(),
+        );
+        r.register(
+            "edgecase_buffer_pending_bytes",
+            "Payload bytes waiting for a broker confirm",
+            m.buffer_pending_bytes.clone(),
+        );
+        r.register(
+            "edgecase_buffer_dead_letters",
+            "Dead letters kept in the buffer",
+            m.buffer_dead_letters.clone(),
+        );
+        r.register(
+            "edgecase_buffer_committed",
+            "Messages committed to the buffer",
+            m.buffer_committed.clone(),
+        );
+        r.register(
+            "edgecase_buffer_commits",
+            "Buffer transactions committed",
+            m.buffer_commits.clone(),
+        );
+        r.register(
+            "edgecase_buffer_duplicates",
+            "Messages already in the buffer (same message_id)",
+            m.buffer_duplicates.clone(),
+        );
+        r.register(
+            "edgecase_buffer_dropped",
+            "Messages deleted unsent by the drop-oldest overflow policy",
+            m.buffer_dropped.clone(),
+        );
+        r.register(
+            "edgecase_buffer_refused",
+            "Appends refused because the buffer was full",
+            m.buffer_refused.clone(),
+        );
+        r.register(
+            "edgecase_buffer_released",
+            "Messages deleted after the broker confirmed them",
+            m.buffer_released.clone(),
+        );
+        r.register(
+            "edgecase_publish_confirmed",
+            "Publishes confirmed by the broker",
+            m.publish_confirmed.clone(),
+        );
+        r.register(
+            "edgecase_publish_nacked",
+            "Publishes the broker refused (retried)",
+            m.publish_nacked.clone(),
+        );
+        r.register(
+            "edgecase_publish_unrouted",
+            "Publishes returned unroutable (dead-lettered)",
+            m.publish_unrouted.clone(),
+        );
+        r.register(
+            "edgecase_publish_reconnects",
+            "AMQP connection losses",
+            m.publish_reconnects.clone(),
+        );
+        r.register(
+            "edgecase_publish_in_flight",
+            "Publishes awaiting a confirm",
+            m.publish_in_flight.clone(),
+        );
+        r.register(
+            "edgecase_amqp_connected",
+            "1 while connected to the AMQP broker",
+            m.amqp_connected.clone(),
+        );
         r.register(
             "edgecase_publish_latency_seconds",
             "Time from buffer commit to broker confirm",
@@ -130,12 +214,19 @@ impl Metrics {
 
     pub fn dead_letter(&self, source: &str, reason: &str) {
         self.ingest_dead_letters
-            .get_or_create(&DeadLetterLabels { source: source.to_string(), reason: reason.to_string() })
+            .get_or_create(&DeadLetterLabels {
+                source: source.to_string(),
+                reason: reason.to_string(),
+            })
             .inc();
     }
 
     pub fn accepted(&self, source: &str, n: u64) {
-        self.ingest_readings.get_or_create(&SourceLabel { source: source.to_string() }).inc_by(n);
+        self.ingest_readings
+            .get_or_create(&SourceLabel {
+                source: source.to_string(),
+            })
+            .inc_by(n);
     }
 
     pub fn made_progress(&self) {

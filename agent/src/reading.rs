@@ -66,7 +66,10 @@ pub enum RejectReason {
     #[error("field `value` is not finite ({0})")]
     ValueNotFinite(String),
     #[error("field `{field}` must be {expected}")]
-    FieldType { field: &'static str, expected: &'static str },
+    FieldType {
+        field: &'static str,
+        expected: &'static str,
+    },
     #[error("no `{0}`: the payload has none and the topic or port does not give one")]
     MissingIdentity(&'static str),
     #[error("field `ts` is not RFC 3339 or Unix milliseconds: {0}")]
@@ -78,7 +81,10 @@ impl Reading {
     /// `device_id`, `sensor`, `unit`, `ts`, `seq`), filling gaps from `origin`.
     pub fn parse(payload: &[u8], origin: &Origin<'_>, max_bytes: usize) -> Result<Reading, RejectReason> {
         if payload.len() > max_bytes {
-            return Err(RejectReason::TooLarge { size: payload.len(), limit: max_bytes });
+            return Err(RejectReason::TooLarge {
+                size: payload.len(),
+                limit: max_bytes,
+            });
         }
         let text = std::str::from_utf8(payload).map_err(|e| RejectReason::NotUtf8(e.valid_up_to()))?;
         let text = text.trim();
@@ -86,7 +92,10 @@ impl Reading {
             return Err(RejectReason::Empty);
         }
         // NaN and Infinity are not JSON; name them rather than report a parse error at column 1.
-        if let Some(word) = ["NaN", "nan", "Infinity", "-Infinity", "inf", "-inf"].iter().find(|w| text == **w) {
+        if let Some(word) = ["NaN", "nan", "Infinity", "-Infinity", "inf", "-inf"]
+            .iter()
+            .find(|w| text == **w)
+        {
             return Err(RejectReason::ValueNotFinite((*word).to_string()));
         }
         let json: serde_json::Value =
@@ -128,7 +137,11 @@ impl Reading {
     /// The AMQP routing key on the readings exchange: `reading.{device_id}.{sensor}`.
     /// Dots in names would add routing-key levels, so they become `_`.
     pub fn routing_key(&self) -> String {
-        format!("reading.{}.{}", routing_word(&self.device_id), routing_word(&self.sensor))
+        format!(
+            "reading.{}.{}",
+            routing_word(&self.device_id),
+            routing_word(&self.sensor)
+        )
     }
 }
 
@@ -145,7 +158,14 @@ fn build(
     let sensor = non_empty(sensor.or(origin.sensor)).ok_or(RejectReason::MissingIdentity("sensor"))?;
     let device_ts = ts_ms.is_some();
     let ts_ms = ts_ms.unwrap_or(origin.received_ms);
-    let message_id = message_id(device_id, sensor, seq, device_ts.then_some(ts_ms), value, origin.received_ms);
+    let message_id = message_id(
+        device_id,
+        sensor,
+        seq,
+        device_ts.then_some(ts_ms),
+        value,
+        origin.received_ms,
+    );
     Ok(Reading {
         message_id,
         device_id: device_id.to_string(),
@@ -162,7 +182,14 @@ fn build(
 /// The id identifies the *measurement*, not the delivery: a device sequence number or a
 /// device timestamp makes a redelivered reading (MQTT resend after a crash, a replayed dead
 /// letter) map to the same id. Without either, the receive time is all there is.
-fn message_id(device: &str, sensor: &str, seq: Option<u64>, device_ts: Option<i64>, value: f64, received_ms: i64) -> String {
+fn message_id(
+    device: &str,
+    sensor: &str,
+    seq: Option<u64>,
+    device_ts: Option<i64>,
+    value: f64,
+    received_ms: i64,
+) -> String {
     let key = match (seq, device_ts) {
         (Some(seq), _) => format!("{device}\0{sensor}\0seq\0{seq}"),
         (None, Some(ts)) => format!("{device}\0{sensor}\0ts\0{ts}\0{}", value.to_bits()),
@@ -184,7 +211,10 @@ fn finite(v: Option<f64>) -> Result<f64, RejectReason> {
 }
 
 fn is_non_finite_word(s: &str) -> bool {
-    matches!(s.to_ascii_lowercase().as_str(), "nan" | "inf" | "-inf" | "infinity" | "-infinity" | "+infinity")
+    matches!(
+        s.to_ascii_lowercase().as_str(),
+        "nan" | "inf" | "-inf" | "infinity" | "-infinity" | "+infinity"
+    )
 }
 
 fn json_type(v: &serde_json::Value) -> &'static str {
@@ -198,11 +228,17 @@ fn json_type(v: &serde_json::Value) -> &'static str {
     }
 }
 
-fn opt_str<'m>(map: &'m serde_json::Map<String, serde_json::Value>, field: &'static str) -> Result<Option<&'m str>, RejectReason> {
+fn opt_str<'m>(
+    map: &'m serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<Option<&'m str>, RejectReason> {
     match map.get(field) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s.as_str())),
-        Some(_) => Err(RejectReason::FieldType { field, expected: "a string" }),
+        Some(_) => Err(RejectReason::FieldType {
+            field,
+            expected: "a string",
+        }),
     }
 }
 
@@ -232,7 +268,9 @@ pub fn now_ms() -> i64 {
 }
 
 fn routing_word(s: &str) -> String {
-    s.chars().map(|c| if c == '.' || c == '*' || c == '#' { '_' } else { c }).collect()
+    s.chars()
+        .map(|c| if c == '.' || c == '*' || c == '#' { '_' } else { c })
+        .collect()
 }
 
 impl fmt::Display for Reading {
@@ -258,7 +296,10 @@ mod tests {
     #[test]
     fn bare_number_takes_identity_from_the_topic() {
         let r = Reading::parse(b"21.5", &origin(), 1024).expect("valid");
-        assert_eq!((r.device_id.as_str(), r.sensor.as_str(), r.value), ("dev1", "temp", 21.5));
+        assert_eq!(
+            (r.device_id.as_str(), r.sensor.as_str(), r.value),
+            ("dev1", "temp", 21.5)
+        );
         assert_eq!(r.ts, "2023-11-14T22:13:20.000Z");
         assert_eq!(r.routing_key(), "reading.dev1.temp");
     }
@@ -298,25 +339,53 @@ mod tests {
             (b"", RejectReason::Empty),
             (b"  ", RejectReason::Empty),
             (b"NaN", RejectReason::ValueNotFinite("NaN".into())),
-            (br#"{"value": "Infinity"}"#, RejectReason::ValueNotFinite("Infinity".into())),
+            (
+                br#"{"value": "Infinity"}"#,
+                RejectReason::ValueNotFinite("Infinity".into()),
+            ),
             (br#"{"value": "hot"}"#, RejectReason::ValueNotNumber("a string")),
             (br#""21""#, RejectReason::ValueNotNumber("a string")),
             (br#"{"v": 1}"#, RejectReason::ValueMissing),
-            (br#"{"value": 1, "seq": -1}"#, RejectReason::FieldType { field: "seq", expected: "a non-negative integer" }),
+            (
+                br#"{"value": 1, "seq": -1}"#,
+                RejectReason::FieldType {
+                    field: "seq",
+                    expected: "a non-negative integer",
+                },
+            ),
             (&[0x7b, 0xff, 0xfe], RejectReason::NotUtf8(1)),
         ];
         for (payload, want) in cases {
             assert_eq!(&Reading::parse(payload, &o, 1024).unwrap_err(), want, "{payload:?}");
         }
-        assert!(matches!(Reading::parse(b"{nope", &o, 1024), Err(RejectReason::InvalidJson(_))));
-        assert!(matches!(Reading::parse(b"1e999", &o, 1024), Err(RejectReason::InvalidJson(_) | RejectReason::ValueNotFinite(_))));
-        assert_eq!(Reading::parse(&[b'1'; 2000], &o, 1024).unwrap_err(), RejectReason::TooLarge { size: 2000, limit: 1024 });
+        assert!(matches!(
+            Reading::parse(b"{nope", &o, 1024),
+            Err(RejectReason::InvalidJson(_))
+        ));
+        assert!(matches!(
+            Reading::parse(b"1e999", &o, 1024),
+            Err(RejectReason::InvalidJson(_) | RejectReason::ValueNotFinite(_))
+        ));
+        assert_eq!(
+            Reading::parse(&[b'1'; 2000], &o, 1024).unwrap_err(),
+            RejectReason::TooLarge {
+                size: 2000,
+                limit: 1024
+            }
+        );
     }
 
     #[test]
     fn identity_must_come_from_somewhere() {
-        let o = Origin { device_id: None, sensor: None, ..origin() };
-        assert_eq!(Reading::parse(b"1", &o, 64).unwrap_err(), RejectReason::MissingIdentity("device_id"));
+        let o = Origin {
+            device_id: None,
+            sensor: None,
+            ..origin()
+        };
+        assert_eq!(
+            Reading::parse(b"1", &o, 64).unwrap_err(),
+            RejectReason::MissingIdentity("device_id")
+        );
         let r = Reading::parse(br#"{"value":1,"device_id":"a","sensor":"b"}"#, &o, 64).expect("valid");
         assert_eq!(r.device_id, "a");
     }

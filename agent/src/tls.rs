@@ -26,7 +26,10 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let ca_err = |message: String| Error::CaFile { path: path.display().to_string(), message };
+            let ca_err = |message: String| Error::CaFile {
+                path: path.display().to_string(),
+                message,
+            };
             let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
                 let cert = cert.map_err(|e| ca_err(format!("not PEM: {e}")))?;
@@ -47,5 +50,9 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
             }
         }
     }
-    Ok(Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()))
+    Ok(Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
 }

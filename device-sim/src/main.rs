@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Parser)]
 #[command(name = "edgecase-sim", version, max_term_width = 100)]
-#[command(
-    about = "Simulated sensor devices: publish readings over MQTT or write them to a serial port"
-)]
+#[command(about = "Simulated sensor devices: publish readings over MQTT or write them to a serial port")]
 #[command(after_help = "Examples:\n  \
     edgecase-sim mqtt --devices 5 --rate 50 --count 1000\n  \
     edgecase-sim serial --pty --device-id boiler-1 --rate 2")]
@@ -112,11 +110,7 @@ fn reading(
     let sensors = fleet.sensors.len().max(1) as u64;
     let device = format!("dev{}", n / sensors % u64::from(fleet.devices.max(1)) + 1);
     let s_idx = (n % sensors) as usize;
-    let sensor = fleet
-        .sensors
-        .get(s_idx)
-        .cloned()
-        .unwrap_or_else(|| "value".into());
+    let sensor = fleet.sensors.get(s_idx).cloned().unwrap_or_else(|| "value".into());
     let mut obj = serde_json::json!({ "value": values.value(s_idx, n), "seq": n });
     if let Some(map) = obj.as_object_mut() {
         map.insert("sensor".into(), sensor.clone().into());
@@ -156,14 +150,9 @@ async fn run_mqtt(url: &str, prefix: &str, qos: u8, fleet: &Fleet) -> Result<()>
         host,
         parsed.port().unwrap_or(1883),
     );
-    opts.set_keep_alive(Duration::from_secs(30))
-        .set_inflight(1000);
+    opts.set_keep_alive(Duration::from_secs(30)).set_inflight(1000);
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    let qos = if qos == 0 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    };
+    let qos = if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
     let want = fleet.count;
     // The event loop runs beside the producer; count PUBACKs so we exit only when the
     // broker has every reading.
@@ -202,12 +191,7 @@ async fn run_mqtt(url: &str, prefix: &str, qos: u8, fleet: &Fleet) -> Result<()>
         pacer.wait(n).await;
         let (device, sensor, obj) = reading(fleet, &mut values, n, None);
         client
-            .publish(
-                format!("{prefix}/{device}/{sensor}"),
-                qos,
-                false,
-                obj.to_string(),
-            )
+            .publish(format!("{prefix}/{device}/{sensor}"), qos, false, obj.to_string())
             .await?;
         n += 1;
         if acks.is_finished() {
@@ -221,20 +205,11 @@ async fn run_mqtt(url: &str, prefix: &str, qos: u8, fleet: &Fleet) -> Result<()>
     Ok(())
 }
 
-fn run_serial(
-    path: Option<&str>,
-    pty: bool,
-    baud_rate: u32,
-    device_id: Option<&str>,
-    fleet: &Fleet,
-) -> Result<()> {
+fn run_serial(path: Option<&str>, pty: bool, baud_rate: u32, device_id: Option<&str>, fleet: &Fleet) -> Result<()> {
     let (mut port, _keep): (Box<dyn Write>, Option<nix::pty::OpenptyResult>) = if pty {
         let p = nix::pty::openpty(None, None).context("cannot create a pseudo-terminal")?;
-        let name = std::fs::read_link(format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&p.slave)
-        ))
-        .context("cannot find the pseudo-terminal's path")?;
+        let name = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&p.slave)))
+            .context("cannot find the pseudo-terminal's path")?;
         println!("{}", name.display());
         std::io::stdout().flush()?;
         eprintln!(
@@ -295,13 +270,7 @@ fn main() -> std::process::ExitCode {
             baud_rate,
             device_id,
             fleet,
-        } => run_serial(
-            path.as_deref(),
-            *pty,
-            *baud_rate,
-            device_id.as_deref(),
-            fleet,
-        ),
+        } => run_serial(path.as_deref(), *pty, *baud_rate, device_id.as_deref(), fleet),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -331,9 +300,7 @@ mod tests {
         let f = fleet();
         let run = || {
             let mut v = Values { state: f.seed };
-            (0..8)
-                .map(|n| reading(&f, &mut v, n, None))
-                .collect::<Vec<_>>()
+            (0..8).map(|n| reading(&f, &mut v, n, None)).collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
     }
@@ -348,8 +315,7 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            [("dev1", "a"), ("dev1", "b"), ("dev2", "a"), ("dev2", "b")]
-                .map(|(d, s)| (d.to_string(), s.to_string()))
+            [("dev1", "a"), ("dev1", "b"), ("dev2", "a"), ("dev2", "b")].map(|(d, s)| (d.to_string(), s.to_string()))
         );
     }
 }

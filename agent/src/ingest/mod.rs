@@ -19,7 +19,14 @@ pub struct Route {
 }
 
 /// The buffer entry for one payload: a record, or a dead letter saying why not.
-pub fn to_entry(payload: &[u8], origin: &Origin<'_>, max_bytes: usize, route: &Route, source: &str, metrics: &Metrics) -> Entry {
+pub fn to_entry(
+    payload: &[u8],
+    origin: &Origin<'_>,
+    max_bytes: usize,
+    route: &Route,
+    source: &str,
+    metrics: &Metrics,
+) -> Entry {
     match Reading::parse(payload, origin, max_bytes) {
         Ok(reading) => Entry::Record(record(&reading, route)),
         Err(reason) => {
@@ -66,7 +73,12 @@ pub fn reason_class(r: &RejectReason) -> &'static str {
 /// Appends `entries`, waiting while the buffer is full (back-pressure) and retrying storage
 /// errors, until committed or cancelled. Returns `None` only when cancelled: the input was
 /// not committed and must not be acknowledged.
-pub async fn commit(buffer: &Buffer, entries: Vec<Entry>, cancel: &CancellationToken, what: &str) -> Option<buffer::AppendReport> {
+pub async fn commit(
+    buffer: &Buffer,
+    entries: Vec<Entry>,
+    cancel: &CancellationToken,
+    what: &str,
+) -> Option<buffer::AppendReport> {
     let mut logged = false;
     loop {
         let err = match buffer.append(entries.clone()).await {

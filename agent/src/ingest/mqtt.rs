@@ -18,7 +18,9 @@ use crate::buffer::Buffer;
 use crate::config::{Config, MqttConfig};
 use crate::metrics::Metrics;
 use crate::reading::{Origin, now_ms};
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -58,7 +60,9 @@ impl MqttIngest {
             options,
             cfg,
             gateway_id: config.gateway.id.clone(),
-            route: Route { readings_exchange: config.amqp.readings_exchange.clone() },
+            route: Route {
+                readings_exchange: config.amqp.readings_exchange.clone(),
+            },
             buffer,
             metrics,
         })
@@ -72,7 +76,11 @@ impl MqttIngest {
         let tracker = TaskTracker::new();
         let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
         let mut failing_since: Option<std::time::Instant> = None;
-        let broker = format!("{}:{}", self.options.broker_address().0, self.options.broker_address().1);
+        let broker = format!(
+            "{}:{}",
+            self.options.broker_address().0,
+            self.options.broker_address().1
+        );
         tracing::info!(%broker, client_id = self.options.client_id(), topics = ?self.cfg.topics, "MQTT ingest starting");
 
         loop {
@@ -88,7 +96,12 @@ impl MqttIngest {
                         p = uncommitted.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                     };
                     let entry = self.entry_for(&publish);
-                    let (buffer, client, cancel, metrics) = (self.buffer.clone(), client.clone(), cancel.clone(), self.metrics.clone());
+                    let (buffer, client, cancel, metrics) = (
+                        self.buffer.clone(),
+                        client.clone(),
+                        cancel.clone(),
+                        self.metrics.clone(),
+                    );
                     tracker.spawn(async move {
                         let accepted = matches!(entry, crate::buffer::Entry::Record(_));
                         if commit(&buffer, vec![entry], &cancel, "mqtt").await.is_some() {
@@ -110,8 +123,12 @@ impl MqttIngest {
                     backoff.reset();
                     self.metrics.mqtt_connected.set(1);
                     match failing_since.take() {
-                        Some(t) => tracing::info!(%broker, session_present = ack.session_present, down_for = ?t.elapsed(), "MQTT reconnected"),
-                        None => tracing::info!(%broker, session_present = ack.session_present, "MQTT connected"),
+                        Some(t) => {
+                            tracing::info!(%broker, session_present = ack.session_present, down_for = ?t.elapsed(), "MQTT reconnected")
+                        }
+                        None => {
+                            tracing::info!(%broker, session_present = ack.session_present, "MQTT connected")
+                        }
                     }
                     for topic in &self.cfg.topics {
                         if let Err(e) = client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
@@ -120,7 +137,11 @@ impl MqttIngest {
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    {
                         tracing::error!(topics = ?self.cfg.topics, "broker refused a subscription (check its ACL)");
                     }
                 }
@@ -186,7 +207,14 @@ impl MqttIngest {
             gateway_id: &self.gateway_id,
             received_ms: now_ms(),
         };
-        let mut entry = to_entry(&publish.payload, &origin, self.cfg.max_payload_bytes, &self.route, "mqtt", &self.metrics);
+        let mut entry = to_entry(
+            &publish.payload,
+            &origin,
+            self.cfg.max_payload_bytes,
+            &self.route,
+            "mqtt",
+            &self.metrics,
+        );
         if let crate::buffer::Entry::DeadLetter(d) = &mut entry {
             d.origin = publish.topic.clone();
         }
@@ -199,8 +227,12 @@ fn log_connection_error(broker: &str, e: &ConnectionError) {
         ConnectionError::ConnectionRefused(code) => {
             tracing::error!(%broker, ?code, "MQTT broker refused the connection (check mqtt.username / mqtt.password and the broker's ACL); retrying")
         }
-        ConnectionError::Tls(e) => tracing::error!(%broker, error = %e, "MQTT TLS handshake failed (check mqtt.ca_file and the broker's certificate); retrying"),
-        other => tracing::warn!(%broker, error = %other, "MQTT connection lost; reconnecting with backoff"),
+        ConnectionError::Tls(e) => {
+            tracing::error!(%broker, error = %e, "MQTT TLS handshake failed (check mqtt.ca_file and the broker's certificate); retrying")
+        }
+        other => {
+            tracing::warn!(%broker, error = %other, "MQTT connection lost; reconnecting with backoff")
+        }
     }
 }
 
@@ -235,12 +267,19 @@ fn match_filter<'t>(filter: &str, topic: &'t str) -> Option<Vec<&'t str>> {
 }
 
 fn options(cfg: &MqttConfig, client_id: &str) -> Result<MqttOptions, Error> {
-    let url_err = |message: String| Error::Url { url: cfg.url.clone(), message };
+    let url_err = |message: String| Error::Url {
+        url: cfg.url.clone(),
+        message,
+    };
     let url = url::Url::parse(&cfg.url).map_err(|e| url_err(e.to_string()))?;
     let tls = match url.scheme() {
         "mqtt" | "tcp" => false,
         "mqtts" | "ssl" => true,
-        other => return Err(url_err(format!("scheme {other:?} is not supported; use mqtt:// or mqtts://"))),
+        other => {
+            return Err(url_err(format!(
+                "scheme {other:?} is not supported; use mqtt:// or mqtts://"
+            )));
+        }
     };
     let host = url.host_str().ok_or_else(|| url_err("no host".into()))?;
     let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
@@ -253,7 +292,10 @@ fn options(cfg: &MqttConfig, client_id: &str) -> Result<MqttOptions, Error> {
         (Some(p), _) => Some(p.expose().to_string()),
         (None, Some(file)) => Some(
             std::fs::read_to_string(file)
-                .map_err(|e| Error::Setting { key: "mqtt.password_file", message: format!("{}: {e}", file.display()) })?
+                .map_err(|e| Error::Setting {
+                    key: "mqtt.password_file",
+                    message: format!("{}: {e}", file.display()),
+                })?
                 .trim_end_matches(['\r', '\n'])
                 .to_string(),
         ),
@@ -263,8 +305,10 @@ fn options(cfg: &MqttConfig, client_id: &str) -> Result<MqttOptions, Error> {
         o.set_credentials(user.clone(), password.unwrap_or_default());
     }
     if tls {
-        let client = crate::tls::client_config(cfg.ca_file.as_deref())
-            .map_err(|e| Error::Setting { key: "mqtt.ca_file", message: e.to_string() })?;
+        let client = crate::tls::client_config(cfg.ca_file.as_deref()).map_err(|e| Error::Setting {
+            key: "mqtt.ca_file",
+            message: e.to_string(),
+        })?;
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client)));
     }
     Ok(o)
@@ -282,7 +326,10 @@ mod tests {
     #[test]
     fn topic_levels_give_identity() {
         let f = vec!["sensors/+/+".to_string()];
-        assert_eq!(identity_from_topic(&f, "sensors/dev1/temp"), (Some("dev1".into()), Some("temp".into())));
+        assert_eq!(
+            identity_from_topic(&f, "sensors/dev1/temp"),
+            (Some("dev1".into()), Some("temp".into()))
+        );
         assert_eq!(identity_from_topic(&f, "sensors/dev1"), (None, None));
         assert_eq!(identity_from_topic(&f, "other/dev1/temp"), (None, None));
         let f = vec!["site/+/#".to_string()];
@@ -291,7 +338,10 @@ mod tests {
 
     #[test]
     fn mqtts_urls_get_tls_and_default_port() {
-        let cfg = MqttConfig { url: "mqtts://broker.example".into(), ..MqttConfig::default() };
+        let cfg = MqttConfig {
+            url: "mqtts://broker.example".into(),
+            ..MqttConfig::default()
+        };
         let o = options(&cfg, "id").expect("options");
         assert_eq!(o.broker_address(), ("broker.example".to_string(), 8883));
         assert!(matches!(o.transport(), Transport::Tls(_)));

@@ -38,7 +38,11 @@ pub struct LineSplitter {
 
 impl LineSplitter {
     pub fn new(max: usize) -> LineSplitter {
-        LineSplitter { max, current: Vec::new(), skipping: None }
+        LineSplitter {
+            max,
+            current: Vec::new(),
+            skipping: None,
+        }
     }
 
     /// Feeds bytes; returns the lines they completed.
@@ -96,7 +100,9 @@ impl SerialIngest {
             max_payload_bytes: port.max_line_bytes,
             port,
             gateway_id: config.gateway.id.clone(),
-            route: Route { readings_exchange: config.amqp.readings_exchange.clone() },
+            route: Route {
+                readings_exchange: config.amqp.readings_exchange.clone(),
+            },
             buffer,
             metrics,
         }
@@ -150,7 +156,11 @@ impl SerialIngest {
                     Ok(n) => n,
                     Err(e) => break Some(e.to_string()),
                 };
-                let entries: Vec<Entry> = splitter.push(&buf[..n]).into_iter().map(|l| self.entry_for(l, &path)).collect();
+                let entries: Vec<Entry> = splitter
+                    .push(&buf[..n])
+                    .into_iter()
+                    .map(|l| self.entry_for(l, &path))
+                    .collect();
                 if entries.is_empty() {
                     continue;
                 }
@@ -190,7 +200,14 @@ impl SerialIngest {
                     gateway_id: &self.gateway_id,
                     received_ms: now_ms(),
                 };
-                let mut entry = to_entry(&bytes, &origin, self.max_payload_bytes, &self.route, "serial", &self.metrics);
+                let mut entry = to_entry(
+                    &bytes,
+                    &origin,
+                    self.max_payload_bytes,
+                    &self.route,
+                    "serial",
+                    &self.metrics,
+                );
                 if let Entry::DeadLetter(d) = &mut entry {
                     d.origin = path.to_string();
                 }
@@ -198,7 +215,11 @@ impl SerialIngest {
             }
             Line::TooLong { prefix, len } => {
                 self.metrics.dead_letter("serial", "too_large");
-                tracing::warn!(bytes = len, limit = self.port.max_line_bytes, "serial line too long; dead-lettered");
+                tracing::warn!(
+                    bytes = len,
+                    limit = self.port.max_line_bytes,
+                    "serial line too long; dead-lettered"
+                );
                 Entry::DeadLetter(NewDeadLetter {
                     source: "serial".into(),
                     origin: path.to_string(),
@@ -223,7 +244,10 @@ mod tests {
     #[test]
     fn splits_lines_across_reads() {
         let mut s = LineSplitter::new(100);
-        assert_eq!(s.push(b"{\"value\":1}\r\n{\"val"), vec![Line::Complete(b"{\"value\":1}".to_vec())]);
+        assert_eq!(
+            s.push(b"{\"value\":1}\r\n{\"val"),
+            vec![Line::Complete(b"{\"value\":1}".to_vec())]
+        );
         assert_eq!(s.push(b"ue\":2}\n\n"), vec![Line::Complete(b"{\"value\":2}".to_vec())]);
     }
 
@@ -231,7 +255,16 @@ mod tests {
     fn overlong_lines_are_cut_and_the_stream_resyncs() {
         let mut s = LineSplitter::new(4);
         assert_eq!(s.push(b"abcdefgh"), vec![]);
-        assert_eq!(s.push(b"ij\n12\n"), vec![Line::TooLong { prefix: b"abcd".to_vec(), len: 10 }, Line::Complete(b"12".to_vec())]);
+        assert_eq!(
+            s.push(b"ij\n12\n"),
+            vec![
+                Line::TooLong {
+                    prefix: b"abcd".to_vec(),
+                    len: 10
+                },
+                Line::Complete(b"12".to_vec())
+            ]
+        );
     }
 
     proptest::proptest! {

@@ -19,7 +19,9 @@ use crate::config::AmqpConfig;
 use crate::metrics::Metrics;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use std::collections::VecDeque;
@@ -81,7 +83,12 @@ pub struct AmqpPublisher {
 
 impl AmqpPublisher {
     pub fn new(cfg: AmqpConfig, gateway_id: &str, buffer: Buffer, metrics: Arc<Metrics>) -> AmqpPublisher {
-        AmqpPublisher { cfg, connection_name: format!("edgecase {gateway_id}"), buffer, metrics }
+        AmqpPublisher {
+            cfg,
+            connection_name: format!("edgecase {gateway_id}"),
+            buffer,
+            metrics,
+        }
     }
 
     /// Runs until `cancel`, then waits briefly for outstanding confirms and closes.
@@ -97,8 +104,12 @@ impl AmqpPublisher {
                         backoff.reset();
                         self.metrics.amqp_connected.set(1);
                         match down_since.take() {
-                            Some(t) => tracing::info!(broker = %target, down_for = ?t.elapsed(), pending = self.buffer.pending(), "AMQP reconnected; publishing the backlog"),
-                            None => tracing::info!(broker = %target, pending = self.buffer.pending(), "AMQP connected"),
+                            Some(t) => {
+                                tracing::info!(broker = %target, down_for = ?t.elapsed(), pending = self.buffer.pending(), "AMQP reconnected; publishing the backlog")
+                            }
+                            None => {
+                                tracing::info!(broker = %target, pending = self.buffer.pending(), "AMQP connected")
+                            }
                         }
                         State::Publishing(session)
                     }
@@ -117,7 +128,11 @@ impl AmqpPublisher {
                     self.metrics.amqp_connected.set(0);
                     self.metrics.publish_in_flight.set(0);
                     // Best effort: the broker may already be gone.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), session.connection.close(200, "edgecase stopping".into())).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        session.connection.close(200, "edgecase stopping".into()),
+                    )
+                    .await;
                     match result {
                         Ok(()) => State::Stopped,
                         Err(e) => {
@@ -296,16 +311,28 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 /// Publishes one row: persistent, mandatory, with its stable `message_id`.
 async fn publish_row(channel: &Channel, row: &StoredRecord) -> Result<lapin::PublisherConfirm, Error> {
     let mut headers = FieldTable::default();
-    headers.insert("x-device-id".into(), AMQPValue::LongString(row.device_id.as_str().into()));
+    headers.insert(
+        "x-device-id".into(),
+        AMQPValue::LongString(row.device_id.as_str().into()),
+    );
     let props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_message_id(row.message_id.as_str().into())
         .with_timestamp((row.created_ms / 1000).max(0) as u64)
         .with_headers(headers);
-    let opts = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    let opts = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
     Ok(channel
-        .basic_publish(ShortString::from(row.exchange.as_str()), ShortString::from(row.routing_key.as_str()), opts, &row.payload, props)
+        .basic_publish(
+            ShortString::from(row.exchange.as_str()),
+            ShortString::from(row.routing_key.as_str()),
+            opts,
+            &row.payload,
+            props,
+        )
         .await?)
 }
 
@@ -313,16 +340,27 @@ async fn publish_row(channel: &Channel, row: &StoredRecord) -> Result<lapin::Pub
 /// (each with the unrouted alternate exchange), the dead-letter exchange, and the durable
 /// queue that keeps unrouted messages.
 pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> Result<(), Error> {
-    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
     let topology = |what: &str, e: lapin::Error| Error::Topology(format!("{what}: {e}"));
     channel
-        .exchange_declare(cfg.unrouted_exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .exchange_declare(
+            cfg.unrouted_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
         .await
         .map_err(|e| topology(&format!("exchange {}", cfg.unrouted_exchange), e))?;
     channel
         .queue_declare(
             cfg.unrouted_queue.as_str().into(),
-            QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -337,7 +375,10 @@ pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> Result<(),
         )
         .await?;
     let mut with_ae = FieldTable::default();
-    with_ae.insert("alternate-exchange".into(), AMQPValue::LongString(cfg.unrouted_exchange.as_str().into()));
+    with_ae.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString(cfg.unrouted_exchange.as_str().into()),
+    );
     for name in [&cfg.readings_exchange, &cfg.cases_exchange] {
         channel
             .exchange_declare(name.as_str().into(), ExchangeKind::Topic, durable, with_ae.clone())
@@ -345,7 +386,12 @@ pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> Result<(),
             .map_err(|e| topology(&format!("exchange {name}"), e))?;
     }
     channel
-        .exchange_declare(cfg.dead_letter_exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default())
+        .exchange_declare(
+            cfg.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
         .await
         .map_err(|e| topology(&format!("exchange {}", cfg.dead_letter_exchange), e))?;
     Ok(())
