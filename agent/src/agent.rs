@@ -78,6 +78,7 @@ impl Agent {
             let serial = SerialIngest::new(config, port.clone(), buffer.clone(), metrics.clone());
             ingest.spawn(serial.run(ingest_cancel.clone()));
         }
+        tokio::spawn(report_progress(metrics.clone(), admin_cancel.clone()));
         tracing::info!(
             gateway = %config.gateway.id,
             data_dir = %data_dir.display(),
@@ -123,6 +124,37 @@ impl Agent {
             tracing::warn!("buffer writer still busy at exit; the WAL is replayed at next start");
         }
         tracing::info!(pending, "edgecase stopped");
+    }
+}
+
+/// Logs the counts once a minute while they change, so a journal shows the agent working
+/// without anyone scraping `/metrics`.
+async fn report_progress(metrics: Arc<Metrics>, cancel: CancellationToken) {
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        let m = &metrics;
+        let now = (
+            m.buffer_committed.get(),
+            m.publish_confirmed.get(),
+            m.buffer_pending_readings.get(),
+            m.buffer_dead_letters.get(),
+        );
+        if last != Some(now) {
+            tracing::info!(
+                committed = now.0,
+                published = now.1,
+                pending = now.2,
+                dead_letters = now.3,
+                mqtt_connected = m.mqtt_connected.get() == 1,
+                amqp_connected = m.amqp_connected.get() == 1,
+                "progress"
+            );
+            last = Some(now);
+        }
     }
 }
 

@@ -403,14 +403,9 @@ impl Config {
             if m.password.is_some() && m.password_file.is_some() {
                 p.push("mqtt.password_file: set either mqtt.password or mqtt.password_file, not both".into());
             }
-            if let Some(f) = &m.password_file {
-                if !f.is_file() {
-                    p.push(format!("mqtt.password_file: {} is not a readable file", f.display()));
-                }
-            }
-            if let Some(f) = &m.ca_file {
-                if !f.is_file() {
-                    p.push(format!("mqtt.ca_file: {} is not a readable file", f.display()));
+            for (key, file) in [("mqtt.password_file", &m.password_file), ("mqtt.ca_file", &m.ca_file)] {
+                if let Some(f) = file.as_ref().filter(|f| !f.is_file()) {
+                    p.push(format!("{key}: {} is not a readable file", f.display()));
                 }
             }
             check_positive(&mut p, "mqtt.max_payload_bytes", m.max_payload_bytes as u64);

@@ -110,10 +110,10 @@ impl MqttIngest {
                             }
                             metrics.made_progress();
                             // Commit, then acknowledge. QoS 0 messages have nothing to ack.
-                            if publish.qos != QoS::AtMostOnce {
-                                if let Err(e) = client.ack(&publish).await {
-                                    tracing::debug!(error = %e, "PUBACK not sent (connection closing); the broker will redeliver");
-                                }
+                            if publish.qos != QoS::AtMostOnce
+                                && let Err(e) = client.ack(&publish).await
+                            {
+                                tracing::debug!(error = %e, "PUBACK not sent (connection closing); the broker will redeliver");
                             }
                         }
                         drop(permit);

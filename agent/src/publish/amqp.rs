@@ -63,7 +63,7 @@ impl From<lapin::Error> for Error {
 
 enum State {
     Connecting,
-    Publishing(Session),
+    Publishing(Box<Session>),
     Waiting(Duration),
     Stopped,
 }
@@ -111,7 +111,7 @@ impl AmqpPublisher {
                                 tracing::info!(broker = %target, pending = self.buffer.pending(), "AMQP connected")
                             }
                         }
-                        State::Publishing(session)
+                        State::Publishing(Box::new(session))
                     }
                     Err(e) => {
                         if down_since.is_none() {
@@ -212,7 +212,9 @@ impl AmqpPublisher {
                 }
                 _ = sleep_until_opt(head_deadline) => break Err(Error::ConfirmTimeout(self.cfg.confirm_timeout)),
                 _ = cancel.cancelled() => {
-                    tracing::info!(in_flight = in_flight.len(), "AMQP publisher draining confirms");
+                    if !in_flight.is_empty() {
+                        tracing::info!(in_flight = in_flight.len(), "AMQP publisher waiting for outstanding confirms");
+                    }
                     let drain = async {
                         while let Some(c) = in_flight.next().await {
                             self.settle(c, &mut confirmed).await?;
