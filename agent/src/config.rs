@@ -561,7 +561,7 @@ fn check_topic_filter(t: &str) -> Result<(), &'static str> {
 fn explain(e: config::ConfigError) -> String {
     let s = e.to_string();
     if s.contains("unknown field") {
-        format!("{s} (check the spelling; `edgecase check --help` lists the keys)")
+        format!("{s} (check the spelling; `edgecase check` without --config prints every key with its default)")
     } else {
         s
     }
