@@ -433,6 +433,21 @@ impl Config {
         check_positive(&mut p, "buffer.max_readings", b.max_readings);
         check_positive(&mut p, "buffer.max_bytes", b.max_bytes);
         check_positive(&mut p, "buffer.max_batch", b.max_batch as u64);
+        // A reading bigger than the whole buffer would be refused for ever and stall its input.
+        let largest_input = self
+            .serial
+            .iter()
+            .map(|s| s.max_line_bytes)
+            .chain([m.max_payload_bytes])
+            .max()
+            .unwrap_or(0);
+        if b.max_bytes < largest_input as u64 * 4 {
+            p.push(format!(
+                "buffer.max_bytes: {} is too small for inputs of up to {largest_input} bytes (mqtt.max_payload_bytes, serial max_line_bytes); allow at least {}",
+                b.max_bytes,
+                largest_input as u64 * 4
+            ));
+        }
         let a = &self.amqp;
         if a.enabled {
             check_url(&mut p, "amqp.url", a.url.expose(), &["amqp", "amqps"]);
