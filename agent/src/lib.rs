@@ -29,4 +29,5 @@ pub mod ingest;
 pub mod metrics;
 pub mod publish;
 pub mod reading;
+pub mod rules;
 pub mod tls;
