@@ -16,12 +16,17 @@
 //!   ingest holds its input (back-pressure); `drop-oldest` deletes the oldest rows and
 //!   counts them. Dead letters are kept up to their own cap, oldest deleted first.
 //! - **Fails closed.** A failed commit fails every append in it; nothing is acknowledged.
+//! - **Redeliveries recognised.** The writer remembers the ids of the last
+//!   [`RECENT_IDS`] messages it committed (and, at start, of the newest pending rows); an
+//!   append with one of them is counted as a duplicate and not stored. A UNIQUE index on
+//!   `message_id` would do it for all pending rows, but random UUID keys made inserts four
+//!   times slower, and a redelivery (an MQTT message committed but not yet acknowledged
+//!   when the agent died) is always among the newest.
 //!
 //! # Layout
 //! `outbox(id, message_id UNIQUE, exchange, routing_key, device_id, payload, created_ms)`:
 //! `id` is `AUTOINCREMENT`, never reused, so the publisher's cursor (`id > last`) never skips
-//! a row. An append whose `message_id` is already pending is a duplicate and is counted, not
-//! stored twice. `dead_letters(id, received_ms, source, origin, device_id, sensor, reason,
+//! a row. `dead_letters(id, received_ms, source, origin, device_id, sensor, reason,
 //! raw)` keeps rejected input for inspection and `edgecase buffer replay`.
 
 use crate::config::{BufferConfig, OverflowPolicy};
@@ -36,6 +41,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "buffer.db";
 const LOCK_FILE: &str = "edgecase.lock";
+/// How many recent message ids the writer remembers to recognise redeliveries.
+pub const RECENT_IDS: usize = 16_384;
 /// Raw bytes kept per dead letter; longer inputs are cut (the reason says so).
 pub const DEAD_LETTER_RAW_MAX: usize = 1024 * 1024;
 
@@ -225,8 +232,10 @@ impl Buffer {
         shared.publish_gauges();
         // Bounded: a full command queue blocks appenders, which is back-pressure too.
         let (tx, rx) = mpsc::channel(cfg.max_batch.max(64));
+        let recent = RecentIds::load(&writer).map_err(|e| storage(&path, e))?;
         let state = WriterState {
             conn: writer,
+            recent,
             path: path.clone(),
             cfg: cfg.clone(),
             shared: shared.clone(),
@@ -369,7 +378,7 @@ fn open_connection(path: &Path) -> Result<Connection, Error> {
          PRAGMA cache_size=-4096;
          CREATE TABLE IF NOT EXISTS outbox (
              id INTEGER PRIMARY KEY AUTOINCREMENT,
-             message_id TEXT NOT NULL UNIQUE,
+             message_id TEXT NOT NULL,
              exchange TEXT NOT NULL,
              routing_key TEXT NOT NULL,
              device_id TEXT NOT NULL,
@@ -435,6 +444,55 @@ impl Shared {
     }
 }
 
+/// Hashes of recently committed message ids, oldest forgotten first.
+struct RecentIds {
+    set: std::collections::HashSet<u64>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl RecentIds {
+    fn hash(message_id: &str) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // DefaultHasher::new() has fixed keys: the same id always hashes the same.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        message_id.hash(&mut h);
+        h.finish()
+    }
+
+    fn load(conn: &Connection) -> rusqlite::Result<RecentIds> {
+        let mut stmt = conn.prepare("SELECT message_id FROM outbox ORDER BY id DESC LIMIT ?1")?;
+        let mut ids: Vec<u64> = stmt
+            .query_map([RECENT_IDS as i64], |r| r.get::<_, String>(0))?
+            .map(|id| id.map(|id| Self::hash(&id)))
+            .collect::<rusqlite::Result<_>>()?;
+        ids.reverse();
+        let mut recent = RecentIds {
+            set: Default::default(),
+            order: Default::default(),
+        };
+        recent.remember(ids);
+        Ok(recent)
+    }
+
+    fn contains(&self, h: u64) -> bool {
+        self.set.contains(&h)
+    }
+
+    /// Call only after the commit that stored these ids succeeded.
+    fn remember(&mut self, hashes: impl IntoIterator<Item = u64>) {
+        for h in hashes {
+            if self.set.insert(h) {
+                self.order.push_back(h);
+            }
+            while self.order.len() > RECENT_IDS {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 /// Counts as they will be once the open transaction commits.
 #[derive(Clone, Copy, Default)]
 struct Tally {
@@ -451,6 +509,7 @@ struct Tally {
 
 struct WriterState {
     conn: Connection,
+    recent: RecentIds,
     path: PathBuf,
     cfg: BufferConfig,
     shared: Arc<Shared>,
@@ -526,12 +585,21 @@ impl WriterState {
                 }
             }
         }
+        // Ids stored by this transaction; remembered only once it commits.
+        let mut new_ids = std::collections::HashSet::new();
         let result = (|| -> rusqlite::Result<Vec<Outcome>> {
             let tx = self.conn.transaction()?;
             let mut outcomes = Vec::with_capacity(work.len());
             for w in work {
                 outcomes.push(match w {
-                    Work::Append(entries) => Outcome::Append(apply_append(&tx, &self.cfg, &mut tally, entries)?),
+                    Work::Append(entries) => Outcome::Append(apply_append(
+                        &tx,
+                        &self.cfg,
+                        &mut tally,
+                        &self.recent,
+                        &mut new_ids,
+                        entries,
+                    )?),
                     Work::Release(ids) => {
                         apply_release(&tx, &mut tally, &ids)?;
                         Outcome::Done
@@ -554,6 +622,7 @@ impl WriterState {
         // A dropped receiver means the caller gave up (shutdown); the commit stands.
         match result {
             Ok(outcomes) => {
+                self.recent.remember(new_ids.iter().copied());
                 self.publish(start, tally);
                 for (w, o) in waiting.into_iter().zip(outcomes) {
                     match (w, o) {
@@ -608,6 +677,8 @@ fn apply_append(
     tx: &rusqlite::Transaction<'_>,
     cfg: &BufferConfig,
     tally: &mut Tally,
+    recent: &RecentIds,
+    new_ids: &mut std::collections::HashSet<u64>,
     entries: Vec<Entry>,
 ) -> rusqlite::Result<Result<AppendReport, Error>> {
     let (n, bytes) = entries.iter().fold((0u64, 0u64), |(n, b), e| match e {
@@ -642,6 +713,13 @@ fn apply_append(
     for entry in entries {
         match entry {
             Entry::Record(r) => {
+                let h = RecentIds::hash(&r.message_id);
+                if recent.contains(h) || new_ids.contains(&h) {
+                    tally.duplicates += 1;
+                    report.duplicates += 1;
+                    continue;
+                }
+                new_ids.insert(h);
                 if insert.execute(params![
                     r.message_id,
                     r.exchange,
@@ -937,6 +1015,28 @@ mod tests {
         let r = buf.append(vec![record(2), record(3)]).await.expect("append");
         assert_eq!((r.inserted, r.duplicates), (1, 1));
         assert_eq!(buf.pending(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_redelivery_is_recognised_after_release_and_after_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (buf, writer) = Buffer::open(dir.path(), &cfg(), Arc::new(Metrics::new())).expect("open");
+            buf.append(vec![record(1), record(2)]).await.expect("append");
+            let first = buf.load_after(0, 1).await.expect("load");
+            buf.release(vec![first[0].id]).await.expect("release");
+            let r = buf.append(vec![record(1)]).await.expect("append");
+            assert_eq!((r.inserted, r.duplicates), (0, 1), "released, but still remembered");
+            drop(buf);
+            writer.join();
+        }
+        let (buf, _w) = Buffer::open(dir.path(), &cfg(), Arc::new(Metrics::new())).expect("reopen");
+        let r = buf.append(vec![record(2), record(3)]).await.expect("append");
+        assert_eq!(
+            (r.inserted, r.duplicates),
+            (1, 1),
+            "pending rows are remembered across a restart"
+        );
     }
 
     #[tokio::test]
