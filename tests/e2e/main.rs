@@ -9,3 +9,4 @@ mod harness;
 
 mod config;
 mod mqtt;
+mod serial;
