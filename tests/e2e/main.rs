@@ -8,5 +8,6 @@
 mod harness;
 
 mod config;
+mod crash;
 mod mqtt;
 mod serial;
