@@ -10,4 +10,5 @@ mod harness;
 mod config;
 mod crash;
 mod mqtt;
+mod outage;
 mod serial;
