@@ -574,7 +574,16 @@ fn check_topic_filter(t: &str) -> Result<(), &'static str> {
 /// The `config` crate reports serde errors without always saying what to do; add the
 /// hint for the most common one.
 fn explain(e: config::ConfigError) -> String {
-    let s = e.to_string();
+    // The config crate writes array keys as `serial[0]path`; print `serial[0].path`.
+    let mut s = String::new();
+    let mut prev = ' ';
+    for c in e.to_string().chars() {
+        if prev == ']' && (c.is_alphanumeric() || c == '_') {
+            s.push('.');
+        }
+        s.push(c);
+        prev = c;
+    }
     if s.contains("unknown field") {
         format!("{s} (check the spelling; `edgecase check` without --config prints every key with its default)")
     } else {
@@ -619,6 +628,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("buffer.max_readings"), "{err}");
+    }
+
+    #[test]
+    fn array_keys_are_dotted() {
+        let err = load(".toml", "[[serial]]\nbaud_rate = 9600\n").unwrap_err().to_string();
+        assert!(err.contains("serial[0].path"), "{err}");
     }
 
     #[test]

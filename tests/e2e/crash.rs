@@ -161,14 +161,10 @@ async fn sigterm_stops_cleanly() {
 /// redelivered reading whose first copy was already published arrives twice). Readings keep
 /// streaming through every SIGTERM, so the broker always has messages in flight to the agent.
 ///
-/// Fails intermittently: in about half the runs with the CPU busy (two `while :; do :; done`
-/// loops), rarely on an idle machine. At SIGTERM the agent stops reading its MQTT socket,
-/// queues its last PUBACKs and a DISCONNECT, and closes the socket with unread input in it,
-/// so the kernel sends a RST (`TcpExtTCPAbortOnClose` goes up) that can reach Mosquitto
-/// before those packets are processed. Mosquitto then logs "closed its connection" instead
-/// of "disconnected" and redelivers readings the agent had already committed and published.
+/// Regression: the agent used to close its MQTT socket with unread input in it, so the
+/// kernel sent a reset that could reach Mosquitto before the last PUBACKs were processed
+/// (about half the runs failed with the CPU busy). It now reads until the broker closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "agent bug: a clean SIGTERM can lose the last MQTT PUBACKs (socket reset), so already-published readings are redelivered and arrive twice"]
 async fn sigterm_acknowledges_everything_it_committed() {
     let _rabbitmq = RABBITMQ.read().await;
     const CYCLES: u64 = 10;

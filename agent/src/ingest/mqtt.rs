@@ -170,7 +170,8 @@ impl MqttIngest {
         let drained = async {
             let drive = async {
                 loop {
-                    if eventloop.poll().await.is_err() {
+                    if let Err(e) = eventloop.poll().await {
+                        tracing::debug!(error = %e, "MQTT connection error while draining acknowledgements");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
@@ -179,16 +180,27 @@ impl MqttIngest {
                 _ = tracker.wait() => {}
                 _ = drive => {}
             }
-            // Flush the queued PUBACKs, then say goodbye.
+            // Send the queued PUBACKs and DISCONNECT, then keep reading until the broker
+            // closes the connection. Dropping the socket while the broker's data is still
+            // unread makes the kernel send a reset, and a broker that receives a reset
+            // discards what it had not read yet: the last PUBACKs, so it would redeliver
+            // readings that were committed and published.
             let _ = client.disconnect().await;
             let flush = async {
-                while let Ok(ev) = eventloop.poll().await {
-                    if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                        break;
+                loop {
+                    match eventloop.poll().await {
+                        // Publishes arriving now are not acknowledged: the broker keeps them.
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "MQTT connection closed after DISCONNECT");
+                            break;
+                        }
                     }
                 }
             };
-            let _ = tokio::time::timeout(Duration::from_millis(500), flush).await;
+            if tokio::time::timeout(Duration::from_secs(1), flush).await.is_err() {
+                tracing::debug!("broker did not close the connection within 1s of DISCONNECT");
+            }
         };
         if tokio::time::timeout(ACK_DRAIN, drained).await.is_err() {
             tracing::warn!("MQTT shutdown: some acknowledgements were not sent; the broker will redeliver them");
