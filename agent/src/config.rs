@@ -53,6 +53,9 @@ pub struct Config {
     pub buffer: BufferConfig,
     pub amqp: AmqpConfig,
     pub admin: AdminConfig,
+    /// Defect rules, one `[[rules]]` table each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<crate::rules::RuleConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -466,6 +469,9 @@ impl Config {
             }
             check_positive(&mut p, "amqp.max_in_flight", a.max_in_flight as u64);
             check_backoff(&mut p, "amqp", a.reconnect_min, a.reconnect_max);
+        }
+        if let Err(problems) = crate::rules::RuleSet::new(&self.rules) {
+            p.extend(problems);
         }
         if self.admin.enabled && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(

@@ -27,6 +27,9 @@ pub struct Reading {
     /// Measurement time, RFC 3339 UTC with milliseconds (the device's time when it sent one,
     /// otherwise the time the gateway received the reading).
     pub ts: String,
+    /// `ts` as Unix milliseconds (not serialized; the rules compute durations with it).
+    #[serde(skip)]
+    pub ts_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
     /// The gateway that ingested it.
@@ -173,6 +176,7 @@ fn build(
         value,
         unit: unit.map(str::to_string),
         ts: format_ms(ts_ms),
+        ts_ms,
         seq,
         gateway_id: origin.gateway_id.to_string(),
         source: origin.source.to_string(),

@@ -402,9 +402,11 @@ impl Engine {
         self.states.get(&key(rule, device, sensor))
     }
 
-    /// Evaluates one reading against every matching rule. Returns the case events and the
-    /// keys of the states it changed (to persist).
-    pub fn on_reading(&mut self, reading: &Reading, ts_ms: i64) -> (Vec<CaseEvent>, Vec<String>) {
+    /// Evaluates one reading against every matching rule. Value rules measure time with the
+    /// reading's own `ts`; silent rules with `now_ms`, the clock [`Engine::on_tick`] uses.
+    /// Returns the case events and the keys of the states it changed (to persist).
+    pub fn on_reading(&mut self, reading: &Reading, now_ms: i64) -> (Vec<CaseEvent>, Vec<String>) {
+        let ts_ms = reading.ts_ms;
         let mut events = Vec::new();
         let mut changed = Vec::new();
         for rule in &self.rules.rules {
@@ -417,7 +419,7 @@ impl Engine {
                 let k = key(&c.name, &reading.device_id, ANY_SENSOR);
                 let state = self.states.entry(k.clone()).or_default();
                 let before = state.clone();
-                state.last_ts_ms = Some(ts_ms);
+                state.last_ts_ms = Some(now_ms);
                 if let Phase::Open {
                     event_id,
                     since_ms,
@@ -881,12 +883,17 @@ mod tests {
         Reading::parse(payload.as_bytes(), &origin, 1024).expect("valid reading")
     }
 
+    fn at(mut r: Reading, ts_ms: i64) -> Reading {
+        r.ts_ms = ts_ms;
+        r
+    }
+
     /// Feeds values one second apart; returns the events.
     fn feed(e: &mut Engine, values: &[f64]) -> Vec<CaseEvent> {
         values
             .iter()
             .enumerate()
-            .flat_map(|(i, v)| e.on_reading(&reading("d1", "temp", *v, i as u64), i as i64 * 1000).0)
+            .flat_map(|(i, v)| e.on_reading(&at(reading("d1", "temp", *v, i as u64), i as i64 * 1000), 0).0)
             .collect()
     }
 
@@ -956,7 +963,7 @@ mod tests {
         let saved = serde_json::to_string(e.states()).expect("serialize");
         let states: RuleStates = serde_json::from_str(&saved).expect("deserialize");
         let mut restarted = Engine::new(RuleSet::new(&[above()]).expect("valid"), states, "gw");
-        let after = restarted.on_reading(&reading("d1", "temp", 99.0, 10), 10_000).0;
+        let after = restarted.on_reading(&at(reading("d1", "temp", 99.0, 10), 10_000), 0).0;
         assert!(after.is_empty(), "{after:#?}");
     }
 
@@ -1023,7 +1030,7 @@ mod tests {
             .map(|p| (p.to_string(), format!("{{{p}}}")))
             .collect();
         let mut e = engine(vec![c]);
-        let ev = e.on_reading(&reading("d1", "temp", 81.5, 1), 5_000).0.remove(0);
+        let ev = e.on_reading(&at(reading("d1", "temp", 81.5, 1), 5_000), 0).0.remove(0);
         let want = [
             ("rule", "temp-high"),
             ("device_id", "d1"),

@@ -11,4 +11,5 @@ mod config;
 mod crash;
 mod mqtt;
 mod outage;
+mod rules;
 mod serial;
