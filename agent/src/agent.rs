@@ -9,7 +9,8 @@
 //! broker or device, and what was not confirmed downstream stays in the buffer.
 
 use crate::admin;
-use crate::buffer::{self, Buffer};
+use crate::buffer::{self, Buffer, RulesSetup};
+use crate::rules::{RuleKind, RuleSet};
 use crate::config::Config;
 use crate::ingest::mqtt::{self, MqttIngest};
 use crate::ingest::serial::SerialIngest;
@@ -32,6 +33,9 @@ pub enum Error {
     Mqtt(#[from] mqtt::Error),
     #[error(transparent)]
     Admin(#[from] admin::Error),
+    /// Stop: the rules do not validate (normally caught when the config loads).
+    #[error("rules: {0}")]
+    Rules(String),
 }
 
 /// A running agent.
@@ -51,7 +55,14 @@ impl Agent {
     /// Opens the buffer and starts every stage the config enables.
     pub async fn start(config: &Config, data_dir: PathBuf) -> Result<Agent, Error> {
         let metrics = Arc::new(Metrics::new());
-        let (buffer, writer) = Buffer::open(&data_dir, &config.buffer, metrics.clone())?;
+        let rules = RuleSet::new(&config.rules).map_err(|problems| Error::Rules(problems.join("; ")))?;
+        let silent_rules = rules.rules().iter().any(|r| r.config.kind == RuleKind::Silent);
+        let setup = RulesSetup {
+            rules,
+            cases_exchange: config.amqp.cases_exchange.clone(),
+            gateway_id: config.gateway.id.clone(),
+        };
+        let (buffer, writer) = Buffer::open_with_rules(&data_dir, &config.buffer, metrics.clone(), Some(setup))?;
         let admin_cancel = CancellationToken::new();
         let mut admin_addr = None;
         if config.admin.enabled {
@@ -79,6 +90,23 @@ impl Agent {
             ingest.spawn(serial.run(ingest_cancel.clone()));
         }
         tokio::spawn(report_progress(metrics.clone(), admin_cancel.clone()));
+        if silent_rules {
+            // Silent devices are noticed on a clock, not on arrival. The ticks stop with
+            // ingest: a stopping agent must not raise cases for devices it stopped hearing.
+            let (buffer, cancel) = (buffer.clone(), ingest_cancel.clone());
+            ingest.spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = every.tick() => {}
+                    }
+                    if buffer.tick(crate::reading::now_ms()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         tracing::info!(
             gateway = %config.gateway.id,
             data_dir = %data_dir.display(),

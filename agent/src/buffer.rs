@@ -31,6 +31,8 @@
 
 use crate::config::{BufferConfig, OverflowPolicy};
 use crate::metrics::Metrics;
+use crate::reading::Reading;
+use crate::rules::{CaseEvent, Engine, RuleSet, RuleStates};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -100,7 +102,31 @@ pub struct NewDeadLetter {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Entry {
     Record(NewRecord),
+    /// A reading's record, with the reading itself for the defect rules, which evaluate it
+    /// in the transaction that stores it.
+    Reading(NewRecord, Box<Reading>),
     DeadLetter(NewDeadLetter),
+}
+
+impl Entry {
+    /// Whether this is a message to publish (not a dead letter).
+    pub fn is_record(&self) -> bool {
+        !matches!(self, Entry::DeadLetter(_))
+    }
+}
+
+/// The defect rules, run by the writer on every reading it stores and on a timer.
+#[derive(Debug, Clone)]
+pub struct RulesSetup {
+    pub rules: RuleSet,
+    /// Exchange for the cases they raise (`case.{division}` routing keys).
+    pub cases_exchange: String,
+    pub gateway_id: String,
+}
+
+struct RulesStage {
+    engine: Engine,
+    cases_exchange: String,
 }
 
 /// A buffered message as the publisher sees it.
@@ -159,6 +185,8 @@ enum Command {
         ids: Vec<i64>,
         reply: oneshot::Sender<Result<u64, Error>>,
     },
+    /// Time passed: the rules look for silent devices.
+    Tick { now_ms: i64 },
 }
 
 impl Command {
@@ -166,6 +194,7 @@ impl Command {
         match self {
             Command::Append { entries, .. } => entries.len().max(1),
             Command::Release { ids, .. } | Command::DeleteDeadLetters { ids, .. } => ids.len().div_ceil(8).max(1),
+            Command::Tick { .. } => 1,
         }
     }
 }
@@ -197,6 +226,17 @@ impl std::fmt::Debug for Buffer {
     }
 }
 
+/// An append waiting for its commit; see [`Buffer::queue`].
+#[derive(Debug)]
+pub struct Queued(oneshot::Receiver<Result<AppendReport, Error>>);
+
+impl Queued {
+    /// Resolves after the commit that holds the append.
+    pub async fn committed(self) -> Result<AppendReport, Error> {
+        self.0.await.map_err(|_| Error::Closed)?
+    }
+}
+
 /// Joins the writer thread at shutdown, after every [`Buffer`] handle is dropped.
 #[derive(Debug)]
 pub struct WriterThread(std::thread::JoinHandle<()>);
@@ -213,6 +253,17 @@ impl WriterThread {
 impl Buffer {
     /// Opens (creating if needed) the buffer in `data_dir`, taking the directory's lock.
     pub fn open(data_dir: &Path, cfg: &BufferConfig, metrics: Arc<Metrics>) -> Result<(Buffer, WriterThread), Error> {
+        Self::open_with_rules(data_dir, cfg, metrics, None)
+    }
+
+    /// As [`Buffer::open`], with defect rules evaluated on every stored reading; their state
+    /// is loaded from the buffer and saved with each commit.
+    pub fn open_with_rules(
+        data_dir: &Path,
+        cfg: &BufferConfig,
+        metrics: Arc<Metrics>,
+        rules: Option<RulesSetup>,
+    ) -> Result<(Buffer, WriterThread), Error> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| storage(data_dir, format!("cannot create data directory: {e}")))?;
         let lock = lock_data_dir(data_dir)?;
@@ -233,9 +284,29 @@ impl Buffer {
         // Bounded: a full command queue blocks appenders, which is back-pressure too.
         let (tx, rx) = mpsc::channel(cfg.max_batch.max(64));
         let recent = RecentIds::load(&writer).map_err(|e| storage(&path, e))?;
+        let rules = match rules {
+            Some(setup) if !setup.rules.is_empty() => {
+                let states = load_rule_states(&writer).map_err(|e| storage(&path, e))?;
+                let open = states
+                    .values()
+                    .filter(|s| !matches!(s.phase, crate::rules::Phase::Normal))
+                    .count();
+                tracing::info!(
+                    rules = setup.rules.rules().len(),
+                    open_or_pending = open,
+                    "defect rules loaded"
+                );
+                Some(RulesStage {
+                    engine: Engine::new(setup.rules, states, &setup.gateway_id),
+                    cases_exchange: setup.cases_exchange,
+                })
+            }
+            _ => None,
+        };
         let state = WriterState {
             conn: writer,
             recent,
+            rules,
             path: path.clone(),
             cfg: cfg.clone(),
             shared: shared.clone(),
@@ -261,12 +332,24 @@ impl Buffer {
 
     /// Commits `entries` in the next group commit. Returns after the commit.
     pub async fn append(&self, entries: Vec<Entry>) -> Result<AppendReport, Error> {
+        self.queue(entries).await?.committed().await
+    }
+
+    /// Queues `entries` for the next group commit and returns without waiting for it.
+    /// Appends queued one after another by one caller are applied in that order (the
+    /// defect rules see a sensor's readings in the order they arrived).
+    pub async fn queue(&self, entries: Vec<Entry>) -> Result<Queued, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Append { entries, reply })
             .await
             .map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
+        Ok(Queued(rx))
+    }
+
+    /// Lets the rules notice silent devices; call about once a second.
+    pub async fn tick(&self, now_ms: i64) -> Result<(), Error> {
+        self.tx.send(Command::Tick { now_ms }).await.map_err(|_| Error::Closed)
     }
 
     /// Deletes published rows. Call only after the broker confirmed them.
@@ -392,7 +475,10 @@ fn open_connection(path: &Path) -> Result<Connection, Error> {
              device_id TEXT,
              sensor TEXT,
              reason TEXT NOT NULL,
-             raw BLOB NOT NULL);",
+             raw BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS rule_state (
+             key TEXT PRIMARY KEY,
+             state TEXT NOT NULL);",
     )
     .map_err(|e| storage(path, e))?;
     Ok(conn)
@@ -510,18 +596,21 @@ struct Tally {
 struct WriterState {
     conn: Connection,
     recent: RecentIds,
+    rules: Option<RulesStage>,
     path: PathBuf,
     cfg: BufferConfig,
     shared: Arc<Shared>,
 }
 
 enum Work {
+    Tick(i64),
     Append(Vec<Entry>),
     Release(Vec<i64>),
     DeleteDeadLetters(Vec<i64>),
 }
 
 enum Waiting {
+    Nobody,
     Append(oneshot::Sender<Result<AppendReport, Error>>),
     Release(oneshot::Sender<Result<(), Error>>),
     Deleted(oneshot::Sender<Result<u64, Error>>),
@@ -583,25 +672,40 @@ impl WriterState {
                     work.push(Work::DeleteDeadLetters(ids));
                     waiting.push(Waiting::Deleted(reply));
                 }
+                Command::Tick { now_ms } => {
+                    work.push(Work::Tick(now_ms));
+                    waiting.push(Waiting::Nobody);
+                }
             }
         }
         // Ids stored by this transaction; remembered only once it commits.
         let mut new_ids = std::collections::HashSet::new();
+        let mut cases = Vec::new();
+        let now = crate::reading::now_ms();
         let result = (|| -> rusqlite::Result<Vec<Outcome>> {
             let tx = self.conn.transaction()?;
+            let mut batch = Batch {
+                tx: &tx,
+                cfg: &self.cfg,
+                tally: &mut tally,
+                recent: &self.recent,
+                new_ids: &mut new_ids,
+                cases: &mut cases,
+                now,
+            };
             let mut outcomes = Vec::with_capacity(work.len());
             for w in work {
                 outcomes.push(match w {
-                    Work::Append(entries) => Outcome::Append(apply_append(
-                        &tx,
-                        &self.cfg,
-                        &mut tally,
-                        &self.recent,
-                        &mut new_ids,
-                        entries,
-                    )?),
+                    Work::Append(entries) => Outcome::Append(batch.append(entries, self.rules.as_mut())?),
+                    Work::Tick(now_ms) => {
+                        if let Some(rules) = self.rules.as_mut() {
+                            let (events, changed) = rules.engine.on_tick(now_ms);
+                            batch.store_cases(rules, events, &changed)?;
+                        }
+                        Outcome::Done
+                    }
                     Work::Release(ids) => {
-                        apply_release(&tx, &mut tally, &ids)?;
+                        apply_release(&tx, batch.tally, &ids)?;
                         Outcome::Done
                     }
                     Work::DeleteDeadLetters(ids) => {
@@ -610,12 +714,12 @@ impl WriterState {
                         for id in ids {
                             n += stmt.execute([id])? as u64;
                         }
-                        tally.dead_letters = tally.dead_letters.saturating_sub(n);
+                        batch.tally.dead_letters = batch.tally.dead_letters.saturating_sub(n);
                         Outcome::Deleted(n)
                     }
                 });
             }
-            prune_dead_letters(&tx, self.cfg.max_dead_letters, &mut tally)?;
+            prune_dead_letters(&tx, self.cfg.max_dead_letters, batch.tally)?;
             tx.commit()?;
             Ok(outcomes)
         })();
@@ -623,6 +727,9 @@ impl WriterState {
         match result {
             Ok(outcomes) => {
                 self.recent.remember(new_ids.iter().copied());
+                for (rule, action) in cases {
+                    self.shared.metrics.case_event(&rule, action);
+                }
                 self.publish(start, tally);
                 for (w, o) in waiting.into_iter().zip(outcomes) {
                     match (w, o) {
@@ -631,6 +738,7 @@ impl WriterState {
                         (Waiting::Deleted(tx), Outcome::Deleted(n)) => drop(tx.send(Ok(n))),
                         (Waiting::Append(tx), _) => drop(tx.send(Err(Error::Closed))),
                         (Waiting::Deleted(tx), _) => drop(tx.send(Err(Error::Closed))),
+                        (Waiting::Nobody, _) => {}
                     }
                 }
             }
@@ -639,11 +747,20 @@ impl WriterState {
                 // caller holds its input and retries.
                 tracing::error!(path = %self.path.display(), error = %e, "buffer commit failed; input is held and retried");
                 let err = storage(&self.path, e);
+                // The rules' state advanced in memory with the rolled-back readings: take it
+                // back from the database, where it matches what was committed.
+                if let Some(rules) = self.rules.as_mut() {
+                    match load_rule_states(&self.conn) {
+                        Ok(states) => rules.engine.set_states(states),
+                        Err(e) => tracing::error!(error = %e, "cannot reload rule state after a failed commit"),
+                    }
+                }
                 for w in waiting {
                     match w {
                         Waiting::Append(tx) => drop(tx.send(Err(err.clone()))),
                         Waiting::Release(tx) => drop(tx.send(Err(err.clone()))),
                         Waiting::Deleted(tx) => drop(tx.send(Err(err.clone()))),
+                        Waiting::Nobody => {}
                     }
                 }
             }
@@ -673,92 +790,182 @@ impl WriterState {
     }
 }
 
-fn apply_append(
-    tx: &rusqlite::Transaction<'_>,
-    cfg: &BufferConfig,
-    tally: &mut Tally,
-    recent: &RecentIds,
-    new_ids: &mut std::collections::HashSet<u64>,
-    entries: Vec<Entry>,
-) -> rusqlite::Result<Result<AppendReport, Error>> {
-    let (n, bytes) = entries.iter().fold((0u64, 0u64), |(n, b), e| match e {
-        Entry::Record(r) => (n + 1, b + r.payload.len() as u64),
-        Entry::DeadLetter(_) => (n, b),
-    });
-    let over = |t: &Tally| t.pending + n > cfg.max_readings || t.bytes + bytes > cfg.max_bytes;
-    if n > 0 && over(tally) {
-        match cfg.overflow {
-            OverflowPolicy::Refuse => {
-                tally.refused += 1;
-                return Ok(Err(Error::Full {
-                    pending: tally.pending,
-                    bytes: tally.bytes,
-                    max_readings: cfg.max_readings,
-                    max_bytes: cfg.max_bytes,
-                }));
-            }
-            OverflowPolicy::DropOldest => drop_oldest(tx, cfg, tally, n, bytes)?,
-        }
-    }
-    let mut report = AppendReport::default();
-    let mut insert = tx.prepare_cached(
-        "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, device_id, payload, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
-    let mut insert_dead = tx.prepare_cached(
-        "INSERT INTO dead_letters (received_ms, source, origin, device_id, sensor, reason, raw)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
-    let now = crate::reading::now_ms();
-    for entry in entries {
-        match entry {
-            Entry::Record(r) => {
-                let h = RecentIds::hash(&r.message_id);
-                if recent.contains(h) || new_ids.contains(&h) {
-                    tally.duplicates += 1;
-                    report.duplicates += 1;
-                    continue;
+/// The open transaction of one group commit, and what it has done so far.
+struct Batch<'t, 'c> {
+    tx: &'t rusqlite::Transaction<'c>,
+    cfg: &'t BufferConfig,
+    tally: &'t mut Tally,
+    recent: &'t RecentIds,
+    new_ids: &'t mut std::collections::HashSet<u64>,
+    /// (rule, action) of every case event stored, counted after the commit.
+    cases: &'t mut Vec<(String, crate::rules::CaseAction)>,
+    now: i64,
+}
+
+impl Batch<'_, '_> {
+    /// One append command: admitted whole or refused whole (overflow policy).
+    fn append(
+        &mut self,
+        entries: Vec<Entry>,
+        mut rules: Option<&mut RulesStage>,
+    ) -> rusqlite::Result<Result<AppendReport, Error>> {
+        let cfg = self.cfg;
+        let (n, bytes) = entries.iter().fold((0u64, 0u64), |(n, b), e| match e {
+            Entry::Record(r) | Entry::Reading(r, _) => (n + 1, b + r.payload.len() as u64),
+            Entry::DeadLetter(_) => (n, b),
+        });
+        if n > 0 && (self.tally.pending + n > cfg.max_readings || self.tally.bytes + bytes > cfg.max_bytes) {
+            match cfg.overflow {
+                OverflowPolicy::Refuse => {
+                    self.tally.refused += 1;
+                    return Ok(Err(Error::Full {
+                        pending: self.tally.pending,
+                        bytes: self.tally.bytes,
+                        max_readings: cfg.max_readings,
+                        max_bytes: cfg.max_bytes,
+                    }));
                 }
-                new_ids.insert(h);
-                if insert.execute(params![
-                    r.message_id,
-                    r.exchange,
-                    r.routing_key,
-                    r.device_id,
-                    r.payload,
-                    now
-                ])? == 1
-                {
-                    tally.pending += 1;
-                    tally.bytes += r.payload.len() as u64;
-                    tally.committed += 1;
-                    tally.last_id = tx.last_insert_rowid();
-                    report.inserted += 1;
-                } else {
-                    tally.duplicates += 1;
-                    report.duplicates += 1;
-                }
-            }
-            Entry::DeadLetter(d) => {
-                let (raw, reason) = if d.raw.len() > DEAD_LETTER_RAW_MAX {
-                    (
-                        &d.raw[..DEAD_LETTER_RAW_MAX],
-                        format!(
-                            "{} (raw cut to {DEAD_LETTER_RAW_MAX} of {} bytes)",
-                            d.reason,
-                            d.raw.len()
-                        ),
-                    )
-                } else {
-                    (&d.raw[..], d.reason)
-                };
-                insert_dead.execute(params![now, d.source, d.origin, d.device_id, d.sensor, reason, raw])?;
-                tally.dead_letters += 1;
-                report.dead_letters += 1;
+                OverflowPolicy::DropOldest => drop_oldest(self.tx, cfg, self.tally, n, bytes)?,
             }
         }
+        let mut report = AppendReport::default();
+        for entry in entries {
+            match entry {
+                Entry::Record(r) => {
+                    self.insert_record(&r, &mut report)?;
+                }
+                Entry::Reading(r, reading) => {
+                    // Only a reading stored now is new to the rules: a redelivery was seen.
+                    if self.insert_record(&r, &mut report)?
+                        && let Some(rules) = rules.as_deref_mut()
+                    {
+                        let (events, changed) = rules.engine.on_reading(&reading, self.now);
+                        self.store_cases(rules, events, &changed)?;
+                    }
+                }
+                Entry::DeadLetter(d) => {
+                    self.insert_dead_letter(d)?;
+                    report.dead_letters += 1;
+                }
+            }
+        }
+        Ok(Ok(report))
     }
-    Ok(Ok(report))
+
+    /// Stores a record unless its id was seen recently; true if stored.
+    fn insert_record(&mut self, r: &NewRecord, report: &mut AppendReport) -> rusqlite::Result<bool> {
+        let h = RecentIds::hash(&r.message_id);
+        if self.recent.contains(h) || !self.new_ids.insert(h) {
+            self.tally.duplicates += 1;
+            report.duplicates += 1;
+            return Ok(false);
+        }
+        let mut insert = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, device_id, payload, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        if insert.execute(params![
+            r.message_id,
+            r.exchange,
+            r.routing_key,
+            r.device_id,
+            r.payload,
+            self.now
+        ])? != 1
+        {
+            // A database from before the id window still has a UNIQUE index.
+            self.tally.duplicates += 1;
+            report.duplicates += 1;
+            return Ok(false);
+        }
+        self.tally.pending += 1;
+        self.tally.bytes += r.payload.len() as u64;
+        self.tally.committed += 1;
+        self.tally.last_id = self.tx.last_insert_rowid();
+        report.inserted += 1;
+        Ok(true)
+    }
+
+    fn insert_dead_letter(&mut self, d: NewDeadLetter) -> rusqlite::Result<()> {
+        let (raw, reason) = if d.raw.len() > DEAD_LETTER_RAW_MAX {
+            let reason = format!(
+                "{} (raw cut to {DEAD_LETTER_RAW_MAX} of {} bytes)",
+                d.reason,
+                d.raw.len()
+            );
+            (&d.raw[..DEAD_LETTER_RAW_MAX], reason)
+        } else {
+            (&d.raw[..], d.reason)
+        };
+        let mut insert = self.tx.prepare_cached(
+            "INSERT INTO dead_letters (received_ms, source, origin, device_id, sensor, reason, raw)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        insert.execute(params![
+            self.now,
+            d.source,
+            d.origin,
+            d.device_id,
+            d.sensor,
+            reason,
+            raw
+        ])?;
+        self.tally.dead_letters += 1;
+        Ok(())
+    }
+
+    /// Queues case events for publishing and saves the rule states they changed, in this
+    /// transaction: a case is raised exactly when its state says so, crash or not.
+    fn store_cases(&mut self, rules: &RulesStage, events: Vec<CaseEvent>, changed: &[String]) -> rusqlite::Result<()> {
+        for event in events {
+            let record = NewRecord {
+                message_id: event.message_id.clone(),
+                exchange: rules.cases_exchange.clone(),
+                routing_key: event.routing_key(),
+                device_id: event.device_id.clone(),
+                payload: serde_json::to_vec(&event).unwrap_or_default(),
+            };
+            tracing::info!(
+                rule = %event.rule,
+                device_id = %event.device_id,
+                sensor = %event.sensor,
+                action = ?event.action,
+                event_id = %event.event_id,
+                "case event"
+            );
+            if self.insert_record(&record, &mut AppendReport::default())? {
+                self.cases.push((event.rule, event.action));
+            }
+        }
+        let mut save = self
+            .tx
+            .prepare_cached("INSERT OR REPLACE INTO rule_state (key, state) VALUES (?1, ?2)")?;
+        for key in changed {
+            if let Some(state) = rules.engine.states().get(key) {
+                save.execute(params![key, serde_json::to_string(state).unwrap_or_default()])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn load_rule_states(conn: &Connection) -> rusqlite::Result<RuleStates> {
+    let mut stmt = conn.prepare("SELECT key, state FROM rule_state")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut states = RuleStates::new();
+    for row in rows {
+        let (key, json) = row?;
+        match serde_json::from_str(&json) {
+            Ok(state) => {
+                states.insert(key, state);
+            }
+            // A state from an incompatible version starts over rather than stop the agent.
+            Err(e) => {
+                tracing::warn!(key = %key.replace('\0', "/"), error = %e, "rule state unreadable; starting it afresh")
+            }
+        }
+    }
+    Ok(states)
 }
 
 fn drop_oldest(

@@ -26,6 +26,13 @@ pub struct DeadLetterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaseLabels {
+    pub rule: String,
+    /// `raise` or `clear`.
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortLabel {
     pub port: String,
 }
@@ -48,6 +55,7 @@ pub struct Metrics {
     pub buffer_dropped: Counter,
     pub buffer_refused: Counter,
     pub buffer_released: Counter,
+    pub rules_cases: Family<CaseLabels, Counter>,
     pub publish_confirmed: Counter,
     pub publish_nacked: Counter,
     pub publish_unrouted: Counter,
@@ -79,6 +87,7 @@ impl Metrics {
             buffer_dropped: Counter::default(),
             buffer_refused: Counter::default(),
             buffer_released: Counter::default(),
+            rules_cases: Family::default(),
             publish_confirmed: Counter::default(),
             publish_nacked: Counter::default(),
             publish_unrouted: Counter::default(),
@@ -227,6 +236,19 @@ impl Metrics {
                 source: source.to_string(),
             })
             .inc_by(n);
+    }
+
+    pub fn case_event(&self, rule: &str, action: crate::rules::CaseAction) {
+        let action = match action {
+            crate::rules::CaseAction::Raise => "raise",
+            crate::rules::CaseAction::Clear => "clear",
+        };
+        self.rules_cases
+            .get_or_create(&CaseLabels {
+                rule: rule.to_string(),
+                action: action.to_string(),
+            })
+            .inc();
     }
 
     pub fn made_progress(&self) {

@@ -398,6 +398,16 @@ impl Engine {
         &self.states
     }
 
+    /// Replaces the state (after a failed commit, with what the database holds).
+    pub fn set_states(&mut self, states: RuleStates) {
+        self.states = states;
+    }
+
+    /// Whether any rule needs [`Engine::on_tick`].
+    pub fn has_silent_rules(&self) -> bool {
+        self.rules.rules.iter().any(|r| r.config.kind == RuleKind::Silent)
+    }
+
     pub fn state(&self, rule: &str, device: &str, sensor: &str) -> Option<&RuleState> {
         self.states.get(&key(rule, device, sensor))
     }
@@ -893,7 +903,10 @@ mod tests {
         values
             .iter()
             .enumerate()
-            .flat_map(|(i, v)| e.on_reading(&at(reading("d1", "temp", *v, i as u64), i as i64 * 1000), 0).0)
+            .flat_map(|(i, v)| {
+                e.on_reading(&at(reading("d1", "temp", *v, i as u64), i as i64 * 1000), 0)
+                    .0
+            })
             .collect()
     }
 

@@ -28,7 +28,7 @@ pub fn to_entry(
     metrics: &Metrics,
 ) -> Entry {
     match Reading::parse(payload, origin, max_bytes) {
-        Ok(reading) => Entry::Record(record(&reading, route)),
+        Ok(reading) => Entry::Reading(record(&reading, route), Box::new(reading)),
         Err(reason) => {
             metrics.dead_letter(source, reason_class(&reason));
             tracing::warn!(source, origin = origin.source, %reason, bytes = payload.len(), "input dead-lettered");
@@ -79,9 +79,26 @@ pub async fn commit(
     cancel: &CancellationToken,
     what: &str,
 ) -> Option<buffer::AppendReport> {
+    let queued = buffer.queue(entries.clone()).await;
+    finish_commit(buffer, queued, entries, cancel, what).await
+}
+
+/// Waits for an append already queued (in arrival order) and, if it was refused or
+/// failed, retries it as [`commit`] does.
+pub async fn finish_commit(
+    buffer: &Buffer,
+    queued: Result<buffer::Queued, buffer::Error>,
+    entries: Vec<Entry>,
+    cancel: &CancellationToken,
+    what: &str,
+) -> Option<buffer::AppendReport> {
     let mut logged = false;
+    let mut attempt = match queued {
+        Ok(q) => q.committed().await,
+        Err(e) => Err(e),
+    };
     loop {
-        let err = match buffer.append(entries.clone()).await {
+        let err = match attempt {
             Ok(report) => {
                 if logged {
                     tracing::info!(input = what, "buffer accepts input again");
@@ -108,5 +125,6 @@ pub async fn commit(
             _ = cancel.cancelled() => return None,
             _ = wait => {}
         }
+        attempt = buffer.append(entries.clone()).await;
     }
 }

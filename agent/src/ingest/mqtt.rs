@@ -12,7 +12,7 @@
 //! - Reconnects with capped exponential backoff and jitter; subscribes again on every
 //!   CONNACK (a broker that lost the session would otherwise send nothing).
 
-use super::{Route, commit, to_entry};
+use super::{Route, finish_commit, to_entry};
 use crate::backoff::Backoff;
 use crate::buffer::Buffer;
 use crate::config::{Config, MqttConfig};
@@ -96,6 +96,11 @@ impl MqttIngest {
                         p = uncommitted.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                     };
                     let entry = self.entry_for(&publish);
+                    // Queue in arrival order here; only the wait for the commit is spawned.
+                    let queued = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        q = self.buffer.queue(vec![entry.clone()]) => q,
+                    };
                     let (buffer, client, cancel, metrics) = (
                         self.buffer.clone(),
                         client.clone(),
@@ -103,8 +108,8 @@ impl MqttIngest {
                         self.metrics.clone(),
                     );
                     tracker.spawn(async move {
-                        let accepted = matches!(entry, crate::buffer::Entry::Record(_));
-                        if commit(&buffer, vec![entry], &cancel, "mqtt").await.is_some() {
+                        let accepted = entry.is_record();
+                        if finish_commit(&buffer, queued, vec![entry], &cancel, "mqtt").await.is_some() {
                             if accepted {
                                 metrics.accepted("mqtt", 1);
                             }

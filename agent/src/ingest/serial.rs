@@ -164,7 +164,7 @@ impl SerialIngest {
                 if entries.is_empty() {
                     continue;
                 }
-                let readings = entries.iter().filter(|e| matches!(e, Entry::Record(_))).count() as u64;
+                let readings = entries.iter().filter(|e| e.is_record()).count() as u64;
                 if commit(&self.buffer, entries, &cancel, "serial").await.is_none() {
                     break None;
                 }
