@@ -7,6 +7,7 @@
 
 mod harness;
 
+mod cases;
 mod config;
 mod crash;
 mod mqtt;
