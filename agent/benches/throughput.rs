@@ -12,9 +12,10 @@
 //! - B: lapin confirmed, persistent publish rate to RabbitMQ, 2,000 confirms outstanding
 //!   (B': the same messages carrying the agent's properties, for reference);
 //! - C: rusqlite inserts of ~200-byte payloads into a plain table (integer key + payload),
-//!   WAL + `synchronous=FULL`, 4,096 rows a transaction; C' is the same with the agent's
-//!   outbox table and rows (`message_id TEXT UNIQUE` holding UUIDs, exchange, routing key,
-//!   device, payload, time), to show what the schema alone costs.
+//!   WAL + `synchronous=FULL`, 4,096 rows a transaction; C' is the same into the agent's own
+//!   `outbox` table (created by `Buffer::open`, so it follows schema changes) with the
+//!   agent's rows (UUID message ids, exchange, routing key, device, payload, time), to show
+//!   what the schema alone costs.
 //!
 //! Agent figures:
 //! - the buffer alone ([`edgecase::buffer::Buffer`], group commit, full durability) with
@@ -49,7 +50,6 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
-use rusqlite::params;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -1325,35 +1325,86 @@ fn bench_record(tag: &str, n: u64) -> NewRecord {
     }
 }
 
-/// Ceiling C (id + payload) or C' (the outbox's rows): plain rusqlite, WAL + synchronous=FULL,
+/// Ceiling C (id + payload) or C' (the agent's outbox table): plain rusqlite, WAL + synchronous=FULL,
 /// 4,096-row transactions, for [`SQLITE_SECS`].
 async fn sqlite_ceiling(tmp: &Path, outbox: bool) -> Result<Rate> {
     let dir = tempfile::tempdir_in(tmp)?;
-    let path = dir.path().join("ceiling.db");
+    let data_dir = dir.path().to_path_buf();
     let tag = if outbox { "cs" } else { "c" };
     tokio::task::spawn_blocking(move || -> Result<Rate> {
         let rows: Vec<NewRecord> = (0..SQLITE_POOL as u64).map(|n| bench_record(tag, n)).collect();
+        let path = if outbox {
+            // The agent creates its own schema (whatever it is today), then lets go of it.
+            let (buffer, writer) = Buffer::open(&data_dir, &BufferConfig::default(), Arc::new(Metrics::new()))
+                .context("Buffer::open (to create the agent's schema)")?;
+            drop(buffer);
+            writer.join();
+            data_dir.join(edgecase::buffer::DB_FILE)
+        } else {
+            data_dir.join("ceiling.db")
+        };
         let mut conn = rusqlite::Connection::open(&path)?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             bail!("cannot enable WAL: {mode}");
         }
         conn.execute_batch("PRAGMA synchronous=FULL;")?;
-        let sql = if outbox {
-            conn.execute_batch(
-                "CREATE TABLE outbox (
-                     id INTEGER PRIMARY KEY AUTOINCREMENT,
-                     message_id TEXT NOT NULL UNIQUE,
-                     exchange TEXT NOT NULL,
-                     routing_key TEXT NOT NULL,
-                     device_id TEXT NOT NULL,
-                     payload BLOB NOT NULL,
-                     created_ms INTEGER NOT NULL);",
-            )?;
-            "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, device_id, payload, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+        // Which field of a record goes into each column of the INSERT.
+        #[derive(Clone, Copy)]
+        enum Field {
+            MessageId,
+            Exchange,
+            RoutingKey,
+            DeviceId,
+            Payload,
+            Now,
+        }
+        let (sql, fields, schema) = if outbox {
+            let mut cols = Vec::new();
+            let mut fields = Vec::new();
+            let mut stmt =
+                conn.prepare("SELECT name, \"notnull\", dflt_value IS NOT NULL, pk FROM pragma_table_info('outbox')")?;
+            let info: Vec<(String, bool, bool, i64)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            drop(stmt);
+            for (name, not_null, has_default, pk) in &info {
+                let field = match name.as_str() {
+                    "message_id" => Field::MessageId,
+                    "exchange" => Field::Exchange,
+                    "routing_key" => Field::RoutingKey,
+                    "device_id" => Field::DeviceId,
+                    "payload" => Field::Payload,
+                    "created_ms" => Field::Now,
+                    _ if *pk > 0 || !*not_null || *has_default => continue,
+                    other => bail!("the agent's outbox has a column {other:?} this benchmark cannot fill"),
+                };
+                cols.push(name.clone());
+                fields.push(field);
+            }
+            let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+            let sql = format!("INSERT INTO outbox ({}) VALUES ({})", cols.join(", "), marks.join(", "));
+            let indexes: Vec<String> = conn
+                .prepare("SELECT coalesce(sql, name) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let schema = format!(
+                "; outbox columns {}; indexes: {}",
+                info.iter().map(|c| c.0.as_str()).collect::<Vec<_>>().join(", "),
+                if indexes.is_empty() {
+                    "none besides the primary key".to_string()
+                } else {
+                    indexes.join("; ")
+                }
+            );
+            (sql, fields, schema)
         } else {
             conn.execute_batch("CREATE TABLE rows (id INTEGER PRIMARY KEY, payload BLOB NOT NULL);")?;
-            "INSERT INTO rows (payload) VALUES (?1)"
+            (
+                "INSERT INTO rows (payload) VALUES (?1)".to_string(),
+                vec![Field::Payload],
+                String::new(),
+            )
         };
         let start = Instant::now();
         let mut inserted = 0u64;
@@ -1361,14 +1412,25 @@ async fn sqlite_ceiling(tmp: &Path, outbox: bool) -> Result<Rate> {
         for chunk in rows.chunks(SQLITE_TX_ROWS) {
             let tx = conn.transaction()?;
             {
-                let mut stmt = tx.prepare_cached(sql)?;
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+                let mut stmt = tx.prepare_cached(&sql)?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_millis() as i64;
                 for r in chunk {
-                    inserted += if outbox {
-                        stmt.execute(params![r.message_id, r.exchange, r.routing_key, r.device_id, r.payload, now])?
-                    } else {
-                        stmt.execute(params![r.payload])?
-                    } as u64;
+                    let values: Vec<&dyn rusqlite::ToSql> = fields
+                        .iter()
+                        .map(|f| -> &dyn rusqlite::ToSql {
+                            match f {
+                                Field::MessageId => &r.message_id,
+                                Field::Exchange => &r.exchange,
+                                Field::RoutingKey => &r.routing_key,
+                                Field::DeviceId => &r.device_id,
+                                Field::Payload => &r.payload,
+                                Field::Now => &now,
+                            }
+                        })
+                        .collect();
+                    inserted += stmt.execute(&values[..])? as u64;
                 }
             }
             tx.commit()?;
@@ -1380,7 +1442,10 @@ async fn sqlite_ceiling(tmp: &Path, outbox: bool) -> Result<Rate> {
         let secs = start.elapsed().as_secs_f64();
         Ok(Rate {
             per_sec: inserted as f64 / secs,
-            detail: format!("{} rows in {txs} transactions in {secs:.3} s", fmt_int(inserted)),
+            detail: format!(
+                "{} rows in {txs} transactions in {secs:.3} s{schema}",
+                fmt_int(inserted)
+            ),
         })
     })
     .await?
@@ -2061,13 +2126,16 @@ async fn burst_phase(
         counters.released.load(Ordering::Acquire),
     );
     // When the agent had committed (and acknowledged) the whole burst: ingest's share.
+    // And how many were confirmed by then: the publisher's share.
     let ingest_done = Arc::new(AtomicU64::new(0));
+    let confirmed_then = Arc::new(AtomicU64::new(0));
     let ingest_watch = {
-        let (counters, ingest_done) = (counters.clone(), ingest_done.clone());
+        let (counters, ingest_done, confirmed_then) = (counters.clone(), ingest_done.clone(), confirmed_then.clone());
         tokio::spawn(async move {
             while counters.ingested.load(Ordering::Acquire) < i0 + MQTT_N {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
+            confirmed_then.store(counters.confirmed.load(Ordering::Acquire) - c0, Ordering::Release);
             ingest_done.store(now_us(), Ordering::Release);
         })
     };
@@ -2118,6 +2186,17 @@ async fn burst_phase(
                 (committed + released) as f64 / commits.max(1) as f64,
                 agent_cpu_s * 1e6 / MQTT_N as f64
             ));
+            if ingest_us != 0 && done_us > ingest_us {
+                let then = confirmed_then.load(Ordering::Acquire);
+                let in_s = (ingest_us.saturating_sub(p.first_us)) as f64 / 1e6;
+                let after_s = (done_us - ingest_us) as f64 / 1e6;
+                notes.push(format!(
+                    "burst: AMQP confirms ran at {} while ingest was running ({then} of {MQTT_N} confirmed when ingest finished), then at {} for the remaining {}",
+                    fmt_rate(then as f64 / in_s.max(1e-6)),
+                    fmt_rate((MQTT_N - then) as f64 / after_s),
+                    MQTT_N - then
+                ));
+            }
             notes.push(format!("burst: {cpu_line}"));
             E2e {
                 per_sec: MQTT_N as f64 / secs,
