@@ -823,31 +823,54 @@ struct Cleanup {
 impl Cleanup {
     async fn run(&mut self) {
         if !self.queues.is_empty() || !self.exchanges.is_empty() {
-            let result = async {
-                let conn = amqp_connect("cleanup").await?;
-                for q in &self.queues {
-                    let ch = conn.create_channel().await?;
-                    if let Err(e) = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await {
-                        log(format!("cleanup: cannot delete queue {q}: {e}"));
+            // RabbitMQ may be restarting (another test stopping it): retry for a while.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let conn = loop {
+                match amqp_connect("cleanup").await {
+                    Ok(c) => break Some(c),
+                    Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_secs(1)).await,
+                    Err(e) => {
+                        log(format!("cleanup: {e:#}"));
+                        break None;
                     }
                 }
-                for x in &self.exchanges {
-                    let ch = conn.create_channel().await?;
-                    if let Err(e) = ch
-                        .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-                        .await
-                    {
-                        log(format!("cleanup: cannot delete exchange {x}: {e}"));
-                    }
-                }
-                close_amqp(&conn).await;
-                Ok::<(), anyhow::Error>(())
             };
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(20), result)
-                .await
-                .unwrap_or_else(|_| Err(anyhow!("timed out")))
-            {
-                log(format!("cleanup of RabbitMQ objects failed: {e:#}"));
+            let mut left: Vec<String> = Vec::new();
+            let objects = self
+                .queues
+                .iter()
+                .map(|q| (true, q))
+                .chain(self.exchanges.iter().map(|x| (false, x)));
+            for (is_queue, name) in objects {
+                let deleted = match &conn {
+                    None => false,
+                    Some(conn) => {
+                        let op = async {
+                            let ch = conn.create_channel().await?;
+                            if is_queue {
+                                ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                                    .await?;
+                            } else {
+                                ch.exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+                                    .await?;
+                            }
+                            Ok::<(), lapin::Error>(())
+                        };
+                        matches!(tokio::time::timeout(Duration::from_secs(5), op).await, Ok(Ok(())))
+                    }
+                };
+                if !deleted {
+                    left.push(format!("{} {name}", if is_queue { "queue" } else { "exchange" }));
+                }
+            }
+            if let Some(conn) = &conn {
+                close_amqp(conn).await;
+            }
+            if !left.is_empty() {
+                log(format!(
+                    "cleanup: could not delete these RabbitMQ objects; remove them by hand: {}",
+                    left.join(", ")
+                ));
             }
         }
         for (port, id) in &self.mqtt_sessions {
