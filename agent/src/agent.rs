@@ -10,12 +10,13 @@
 
 use crate::admin;
 use crate::buffer::{self, Buffer, RulesSetup};
-use crate::rules::{RuleKind, RuleSet};
 use crate::config::Config;
 use crate::ingest::mqtt::{self, MqttIngest};
 use crate::ingest::serial::SerialIngest;
 use crate::metrics::Metrics;
 use crate::publish::amqp::AmqpPublisher;
+use crate::publish::memory::MemoryPublisher;
+use crate::rules::{RuleKind, RuleSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,15 @@ pub enum Error {
     Rules(String),
 }
 
+/// Where buffered messages go.
+#[derive(Debug)]
+pub enum Output {
+    /// RabbitMQ, as `[amqp]` configures it.
+    Amqp,
+    /// An in-process queue standing in for the broker (`edgecase demo`).
+    Memory(tokio::sync::mpsc::Sender<crate::publish::memory::Delivery>),
+}
+
 /// A running agent.
 pub struct Agent {
     pub metrics: Arc<Metrics>,
@@ -52,8 +62,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Opens the buffer and starts every stage the config enables.
+    /// Opens the buffer and starts every stage the config enables, publishing to AMQP.
     pub async fn start(config: &Config, data_dir: PathBuf) -> Result<Agent, Error> {
+        Self::start_with(config, data_dir, Output::Amqp).await
+    }
+
+    /// As [`Agent::start`], with the output chosen.
+    pub async fn start_with(config: &Config, data_dir: PathBuf, output_to: Output) -> Result<Agent, Error> {
         let metrics = Arc::new(Metrics::new());
         let rules = RuleSet::new(&config.rules).map_err(|problems| Error::Rules(problems.join("; ")))?;
         let silent_rules = rules.rules().iter().any(|r| r.config.kind == RuleKind::Silent);
@@ -72,12 +87,17 @@ impl Agent {
         }
         let output = TaskTracker::new();
         let output_cancel = CancellationToken::new();
-        if config.amqp.enabled {
-            let publisher =
-                AmqpPublisher::new(config.amqp.clone(), &config.gateway.id, buffer.clone(), metrics.clone());
-            output.spawn(publisher.run(output_cancel.clone()));
-        } else {
-            tracing::warn!("amqp.enabled is false: readings stay in the buffer");
+        match output_to {
+            Output::Memory(deliveries) => {
+                let publisher = MemoryPublisher::new(buffer.clone(), deliveries, metrics.clone());
+                output.spawn(publisher.run(output_cancel.clone()));
+            }
+            Output::Amqp if config.amqp.enabled => {
+                let publisher =
+                    AmqpPublisher::new(config.amqp.clone(), &config.gateway.id, buffer.clone(), metrics.clone());
+                output.spawn(publisher.run(output_cancel.clone()));
+            }
+            Output::Amqp => tracing::warn!("amqp.enabled is false: readings stay in the buffer"),
         }
         let ingest = TaskTracker::new();
         let ingest_cancel = CancellationToken::new();

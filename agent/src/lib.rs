@@ -15,7 +15,9 @@
 //! - [`ingest`]: MQTT and serial inputs; acknowledge only after the commit.
 //! - [`publish`]: the AMQP publisher; release from the buffer only after the confirm.
 //! - [`admin`]: `/metrics` and `/healthz`.
+//! - [`rules`]: defect rules, readings in, case events out (pure).
 //! - [`agent`]: wires the stages, owns shutdown.
+//! - `demo` (feature `demo`): the whole path on one machine with an embedded broker.
 //!
 //! Errors: each library module has its own `thiserror` enum whose variants say whether to
 //! retry, dead-letter or stop; `anyhow` is used only by the binary.
@@ -25,6 +27,8 @@ pub mod agent;
 pub mod backoff;
 pub mod buffer;
 pub mod config;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod ingest;
 pub mod metrics;
 pub mod publish;

@@ -175,6 +175,11 @@ impl Metrics {
             m.buffer_released.clone(),
         );
         r.register(
+            "edgecase_rules_cases",
+            "Case events stored for publishing, by rule and action",
+            m.rules_cases.clone(),
+        );
+        r.register(
             "edgecase_publish_confirmed",
             "Publishes confirmed by the broker",
             m.publish_confirmed.clone(),
@@ -265,5 +270,18 @@ impl Default for Metrics {
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn case_counts_are_exposed_by_rule_and_action() {
+        let m = Metrics::new();
+        m.case_event("hot", crate::rules::CaseAction::Raise);
+        let text = m.encode();
+        assert!(text.contains(r#"edgecase_rules_cases_total{rule="hot",action="raise"} 1"#), "{text}");
     }
 }

@@ -10,6 +10,7 @@ mod harness;
 mod cases;
 mod config;
 mod crash;
+mod demo;
 mod mqtt;
 mod outage;
 mod rules;

@@ -23,7 +23,7 @@ use rumqttc::{
 };
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -72,8 +72,15 @@ impl MqttIngest {
     /// and disconnects.
     pub async fn run(self, cancel: CancellationToken) {
         let (client, mut eventloop) = AsyncClient::new(self.options.clone(), self.cfg.max_uncommitted + 16);
-        let uncommitted = Arc::new(Semaphore::new(self.cfg.max_uncommitted));
         let tracker = TaskTracker::new();
+        let (uncommitted_tx, uncommitted_rx) = mpsc::channel(self.cfg.max_uncommitted);
+        tracker.spawn(acknowledge_in_order(
+            uncommitted_rx,
+            client.clone(),
+            self.buffer.clone(),
+            self.metrics.clone(),
+            cancel.clone(),
+        ));
         let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
         let mut failing_since: Option<std::time::Instant> = None;
         let broker = format!(
@@ -90,39 +97,20 @@ impl MqttIngest {
             };
             match event {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    // Back-pressure: at the cap, stop polling until a commit finishes.
-                    let permit = tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        p = uncommitted.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                    };
                     let entry = self.entry_for(&publish);
-                    // Queue in arrival order here; only the wait for the commit is spawned.
+                    // Queue in arrival order; the acknowledger waits for the commits in the
+                    // same order. Both are bounded: when full, this loop stops polling.
                     let queued = tokio::select! {
                         _ = cancel.cancelled() => break,
                         q = self.buffer.queue(vec![entry.clone()]) => q,
                     };
-                    let (buffer, client, cancel, metrics) = (
-                        self.buffer.clone(),
-                        client.clone(),
-                        cancel.clone(),
-                        self.metrics.clone(),
-                    );
-                    tracker.spawn(async move {
-                        let accepted = entry.is_record();
-                        if finish_commit(&buffer, queued, vec![entry], &cancel, "mqtt").await.is_some() {
-                            if accepted {
-                                metrics.accepted("mqtt", 1);
-                            }
-                            metrics.made_progress();
-                            // Commit, then acknowledge. QoS 0 messages have nothing to ack.
-                            if publish.qos != QoS::AtMostOnce
-                                && let Err(e) = client.ack(&publish).await
-                            {
-                                tracing::debug!(error = %e, "PUBACK not sent (connection closing); the broker will redeliver");
-                            }
-                        }
-                        drop(permit);
-                    });
+                    let sent = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        r = uncommitted_tx.send(Uncommitted { publish, entry, queued }) => r,
+                    };
+                    if sent.is_err() {
+                        break;
+                    }
                 }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
@@ -171,6 +159,8 @@ impl MqttIngest {
 
         // Shutdown: new messages are not read (the broker keeps them for the session); let
         // the ones being committed finish and send their PUBACKs, which needs the event loop.
+        // The acknowledger finishes what it has, then ends with the channel.
+        drop(uncommitted_tx);
         tracker.close();
         let drained = async {
             let drive = async {
@@ -236,6 +226,44 @@ impl MqttIngest {
             d.origin = publish.topic.clone();
         }
         entry
+    }
+}
+
+/// A message received, queued for commit, not yet acknowledged.
+struct Uncommitted {
+    publish: Publish,
+    entry: crate::buffer::Entry,
+    queued: Result<crate::buffer::Queued, crate::buffer::Error>,
+}
+
+/// Commit, then acknowledge, in the order the messages arrived: MQTT 3.1.1 (section 4.6)
+/// requires PUBACKs in PUBLISH order, and strict brokers drop a client that breaks it.
+async fn acknowledge_in_order(
+    mut uncommitted: mpsc::Receiver<Uncommitted>,
+    client: AsyncClient,
+    buffer: Buffer,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    while let Some(u) = uncommitted.recv().await {
+        let accepted = u.entry.is_record();
+        if finish_commit(&buffer, u.queued, vec![u.entry], &cancel, "mqtt")
+            .await
+            .is_none()
+        {
+            // Cancelled while holding input: acknowledge nothing after it either.
+            return;
+        }
+        if accepted {
+            metrics.accepted("mqtt", 1);
+        }
+        metrics.made_progress();
+        // QoS 0 messages have nothing to acknowledge.
+        if u.publish.qos != QoS::AtMostOnce
+            && let Err(e) = client.ack(&u.publish).await
+        {
+            tracing::debug!(error = %e, "PUBACK not sent (connection closing); the broker will redeliver");
+        }
     }
 }
 
