@@ -343,8 +343,8 @@ async fn mqtt_devices(port: u16, stop: CancellationToken) {
                 serde_json::json!({"value": pressure, "unit": "bar", "seq": seq}),
             ),
         ];
-        // meter-4 reports for 5 s, then goes silent (raised a minute later).
-        if t < 5.0 {
+        // meter-4 reports for a second, then goes silent (raised a minute later).
+        if t < 1.0 {
             out.push((
                 "meter-4",
                 "power",

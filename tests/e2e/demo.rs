@@ -43,15 +43,11 @@ async fn demo_runs_a_minute_without_services_and_raises_cases() {
         published >= readings,
         "every reading and case handed to the queue:\n{stdout}"
     );
-    // Overheating boiler, stuck pressure, humidity out of range, silent meter (and a stuck
-    // boiler temperature) within the first minute.
+    // Overheating boiler, stuck pressure, humidity out of range and a stuck boiler
+    // temperature within the first minute (the silent meter's case comes a minute after its
+    // last reading, at the very end of this run or just after).
     assert!(raised >= 4, "{stdout}");
-    for subject in [
-        "boiler-1: temp at",
-        "pump-3: pressure stuck",
-        "hvac-2: humidity",
-        "meter-4 has sent nothing",
-    ] {
+    for subject in ["boiler-1: temp at", "pump-3: pressure stuck", "hvac-2: humidity"] {
         assert!(
             stdout.contains(&format!("case: {subject}")),
             "missing {subject:?}:\n{stdout}"
