@@ -21,6 +21,7 @@ use crate::reading::{Origin, now_ms};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
 };
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -238,6 +239,12 @@ struct Uncommitted {
 
 /// Commit, then acknowledge, in the order the messages arrived: MQTT 3.1.1 (section 4.6)
 /// requires PUBACKs in PUBLISH order, and strict brokers drop a client that breaks it.
+///
+/// PUBACKs travel through rumqttc's request channel, which only the event loop drains, and
+/// the event loop waits for this task when the uncommitted channel is full. Waiting here
+/// for room in the request channel would close that circle (a deadlock seen with a broker
+/// that keeps more than 1,000 messages in flight), so acknowledgements that do not fit yet
+/// wait in a local queue of 2-byte packet ids while this task keeps draining its input.
 async fn acknowledge_in_order(
     mut uncommitted: mpsc::Receiver<Uncommitted>,
     client: AsyncClient,
@@ -245,25 +252,53 @@ async fn acknowledge_in_order(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    while let Some(u) = uncommitted.recv().await {
+    let mut unsent: VecDeque<u16> = VecDeque::new();
+    let send_acks = |unsent: &mut VecDeque<u16>| {
+        while let Some(pkid) = unsent.front() {
+            let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
+            ack.pkid = *pkid;
+            match client.try_ack(&ack) {
+                Ok(()) => {
+                    unsent.pop_front();
+                }
+                Err(rumqttc::ClientError::TryRequest(_)) => return true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "PUBACK not sent (connection closing); the broker will redeliver");
+                    unsent.clear();
+                }
+            }
+        }
+        false
+    };
+    loop {
+        let blocked = send_acks(&mut unsent);
+        let next = tokio::select! {
+            u = uncommitted.recv() => u,
+            _ = tokio::time::sleep(Duration::from_millis(2)), if blocked => continue,
+        };
+        let Some(u) = next else { break };
         let accepted = u.entry.is_record();
         if finish_commit(&buffer, u.queued, vec![u.entry], &cancel, "mqtt")
             .await
             .is_none()
         {
             // Cancelled while holding input: acknowledge nothing after it either.
-            return;
+            break;
         }
         if accepted {
             metrics.accepted("mqtt", 1);
         }
         metrics.made_progress();
         // QoS 0 messages have nothing to acknowledge.
-        if u.publish.qos != QoS::AtMostOnce
-            && let Err(e) = client.ack(&u.publish).await
-        {
-            tracing::debug!(error = %e, "PUBACK not sent (connection closing); the broker will redeliver");
+        if u.publish.qos != QoS::AtMostOnce {
+            unsent.push_back(u.publish.pkid);
         }
+    }
+    // Input is over: hand the last acknowledgements to the event loop, which shutdown keeps
+    // polling for a while.
+    let deadline = tokio::time::Instant::now() + ACK_DRAIN;
+    while send_acks(&mut unsent) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
