@@ -282,6 +282,9 @@ mod tests {
         let m = Metrics::new();
         m.case_event("hot", crate::rules::CaseAction::Raise);
         let text = m.encode();
-        assert!(text.contains(r#"edgecase_rules_cases_total{rule="hot",action="raise"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"edgecase_rules_cases_total{rule="hot",action="raise"} 1"#),
+            "{text}"
+        );
     }
 }
