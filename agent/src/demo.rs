@@ -362,7 +362,7 @@ async fn mqtt_devices(port: u16, stop: CancellationToken) {
                 .await;
         }
         // Every 15 s a device sends garbage: dead-lettered, never a crash.
-        if seq % 30 == 0 {
+        if seq.is_multiple_of(30) {
             let _ = client
                 .publish("sensors/boiler-1/temp", QoS::AtLeastOnce, false, "{\"value\": \"hot\"}")
                 .await;

@@ -26,7 +26,7 @@ impl TunedMosquitto {
             ),
         )
         .expect("write mosquitto.conf");
-        let child = Command::new("mosquitto")
+        let mut child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -39,6 +39,8 @@ impl TunedMosquitto {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("private mosquitto did not listen on {port}");
     }
 }
