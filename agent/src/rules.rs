@@ -443,16 +443,18 @@ impl Engine {
                 } = state.phase.clone()
                 {
                     state.phase = Phase::Normal;
-                    if let Some(e) = follow_up(
+                    if let Some(e) = (Occurrence {
                         rule,
-                        &self.gateway_id,
-                        &reading.device_id,
-                        ANY_SENSOR,
-                        &event_id,
+                        gateway_id: &self.gateway_id,
+                        device: &reading.device_id,
+                        sensor: ANY_SENSOR,
+                        event_id: &event_id,
                         since_ms,
                         count,
-                        Some(reading),
-                    ) {
+                        reading: Some(reading),
+                    })
+                    .follow_up()
+                    {
                         events.push(e);
                     }
                 }
@@ -502,7 +504,19 @@ impl Engine {
                     count: 1,
                 };
                 changed.push(k.clone());
-                events.push(raise(rule, &self.gateway_id, &device, ANY_SENSOR, &id, last, 1, None));
+                events.push(
+                    Occurrence {
+                        rule,
+                        gateway_id: &self.gateway_id,
+                        device: &device,
+                        sensor: ANY_SENSOR,
+                        event_id: &id,
+                        since_ms: last,
+                        count: 1,
+                        reading: None,
+                    }
+                    .raise(),
+                );
             }
         }
         (events, changed)
@@ -583,7 +597,19 @@ fn step(rule: &Rule, state: &mut RuleState, reading: &Reading, ts_ms: i64, gatew
                 let (phase, id) = opened(&reading.message_id, ts_ms, 1);
                 (
                     phase,
-                    Some(raise(rule, gateway_id, device, sensor, &id, ts_ms, 1, Some(reading))),
+                    Some(
+                        Occurrence {
+                            rule,
+                            gateway_id,
+                            device,
+                            sensor,
+                            event_id: &id,
+                            since_ms: ts_ms,
+                            count: 1,
+                            reading: Some(reading),
+                        }
+                        .raise(),
+                    ),
                 )
             } else {
                 (
@@ -607,16 +633,19 @@ fn step(rule: &Rule, state: &mut RuleState, reading: &Reading, ts_ms: i64, gatew
                 let (phase, id) = opened(&first_message_id, since_ms, count);
                 (
                     phase,
-                    Some(raise(
-                        rule,
-                        gateway_id,
-                        device,
-                        sensor,
-                        &id,
-                        since_ms,
-                        count,
-                        Some(reading),
-                    )),
+                    Some(
+                        Occurrence {
+                            rule,
+                            gateway_id,
+                            device,
+                            sensor,
+                            event_id: &id,
+                            since_ms,
+                            count,
+                            reading: Some(reading),
+                        }
+                        .raise(),
+                    ),
                 )
             } else {
                 (
@@ -693,16 +722,17 @@ fn step_clearing(
 ) -> (Phase, Option<CaseEvent>) {
     let c = &rule.config;
     if held(clear_count, clear_since_ms, ts_ms, c.clear_readings, c.clear_for) {
-        let e = follow_up(
+        let e = Occurrence {
             rule,
             gateway_id,
-            &reading.device_id,
-            &reading.sensor,
-            &event_id,
+            device: &reading.device_id,
+            sensor: &reading.sensor,
+            event_id: &event_id,
             since_ms,
             count,
-            Some(reading),
-        );
+            reading: Some(reading),
+        }
+        .follow_up();
         (Phase::Normal, e)
     } else {
         (
@@ -718,136 +748,73 @@ fn step_clearing(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn raise(
-    rule: &Rule,
-    gateway_id: &str,
-    device: &str,
-    sensor: &str,
-    event_id: &str,
+/// One occurrence of a rule's condition on one device and sensor: what a case is about.
+struct Occurrence<'a> {
+    rule: &'a Rule,
+    gateway_id: &'a str,
+    device: &'a str,
+    sensor: &'a str,
+    event_id: &'a str,
+    /// When the condition started, and how many readings it has lasted.
     since_ms: i64,
     count: u32,
-    reading: Option<&Reading>,
-) -> CaseEvent {
-    let fields = render(
-        &rule.case, rule, gateway_id, device, sensor, event_id, since_ms, count, reading,
-    );
-    let ids = (event_id.to_string(), event_id.to_string());
-    event(
-        rule,
-        CaseAction::Raise,
-        ids,
-        fields,
-        gateway_id,
-        device,
-        sensor,
-        since_ms,
-        count,
-        reading,
-    )
+    /// The reading at hand (none for a silent device).
+    reading: Option<&'a Reading>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn follow_up(
-    rule: &Rule,
-    gateway_id: &str,
-    device: &str,
-    sensor: &str,
-    event_id: &str,
-    since_ms: i64,
-    count: u32,
-    reading: Option<&Reading>,
-) -> Option<CaseEvent> {
-    let fields = render(
-        rule.on_clear.as_ref()?,
-        rule,
-        gateway_id,
-        device,
-        sensor,
-        event_id,
-        since_ms,
-        count,
-        reading,
-    );
-    let message_id = uuid::Uuid::new_v5(&EVENT_ID_NAMESPACE, format!("{event_id}\0clear").as_bytes()).to_string();
-    let ids = (event_id.to_string(), message_id);
-    Some(event(
-        rule,
-        CaseAction::Clear,
-        ids,
-        fields,
-        gateway_id,
-        device,
-        sensor,
-        since_ms,
-        count,
-        reading,
-    ))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn event(
-    rule: &Rule,
-    action: CaseAction,
-    (event_id, message_id): (String, String),
-    case: BTreeMap<String, String>,
-    gateway_id: &str,
-    device: &str,
-    sensor: &str,
-    since_ms: i64,
-    count: u32,
-    reading: Option<&Reading>,
-) -> CaseEvent {
-    CaseEvent {
-        event_id,
-        message_id,
-        action,
-        rule: rule.config.name.clone(),
-        division: rule.config.division.clone(),
-        device_id: device.to_string(),
-        sensor: sensor.to_string(),
-        case,
-        first_seen: format_ms(since_ms),
-        count,
-        gateway_id: gateway_id.to_string(),
-        reading: reading.cloned(),
+impl Occurrence<'_> {
+    fn raise(&self) -> CaseEvent {
+        self.event(CaseAction::Raise, self.event_id.to_string(), &self.rule.case)
     }
-}
 
-#[allow(clippy::too_many_arguments)]
-fn render(
-    fields: &[(String, Template)],
-    rule: &Rule,
-    gateway_id: &str,
-    device: &str,
-    sensor: &str,
-    event_id: &str,
-    since_ms: i64,
-    count: u32,
-    reading: Option<&Reading>,
-) -> BTreeMap<String, String> {
-    let c = &rule.config;
-    let num = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
-    let vars: HashMap<&'static str, String> = HashMap::from([
-        ("rule", c.name.clone()),
-        ("device_id", device.to_string()),
-        ("sensor", sensor.to_string()),
-        ("value", reading.map(|r| r.value.to_string()).unwrap_or_default()),
-        ("unit", reading.and_then(|r| r.unit.clone()).unwrap_or_default()),
-        ("threshold", num(c.threshold.or(c.max_change_per_second))),
-        ("low", num(c.low)),
-        ("high", num(c.high)),
-        ("first_seen", format_ms(since_ms)),
-        (
-            "ts",
-            reading.map(|r| r.ts.clone()).unwrap_or_else(|| format_ms(since_ms)),
-        ),
-        ("count", count.to_string()),
-        ("division", c.division.clone()),
-        ("gateway_id", gateway_id.to_string()),
-        ("event_id", event_id.to_string()),
-    ]);
-    fields.iter().map(|(k, t)| (k.clone(), t.render(&vars))).collect()
+    /// The follow-up when the condition clears, if the rule has one. Its message id is
+    /// derived from the event id, so it is as deterministic as the case.
+    fn follow_up(&self) -> Option<CaseEvent> {
+        let fields = self.rule.on_clear.as_ref()?;
+        let key = format!("{}\0clear", self.event_id);
+        let message_id = uuid::Uuid::new_v5(&EVENT_ID_NAMESPACE, key.as_bytes()).to_string();
+        Some(self.event(CaseAction::Clear, message_id, fields))
+    }
+
+    fn event(&self, action: CaseAction, message_id: String, fields: &[(String, Template)]) -> CaseEvent {
+        CaseEvent {
+            event_id: self.event_id.to_string(),
+            message_id,
+            action,
+            rule: self.rule.config.name.clone(),
+            division: self.rule.config.division.clone(),
+            device_id: self.device.to_string(),
+            sensor: self.sensor.to_string(),
+            case: self.render(fields),
+            first_seen: format_ms(self.since_ms),
+            count: self.count,
+            gateway_id: self.gateway_id.to_string(),
+            reading: self.reading.cloned(),
+        }
+    }
+
+    fn render(&self, fields: &[(String, Template)]) -> BTreeMap<String, String> {
+        let c = &self.rule.config;
+        let num = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let reading = self.reading;
+        let vars: HashMap<&'static str, String> = HashMap::from([
+            ("rule", c.name.clone()),
+            ("device_id", self.device.to_string()),
+            ("sensor", self.sensor.to_string()),
+            ("value", reading.map(|r| r.value.to_string()).unwrap_or_default()),
+            ("unit", reading.and_then(|r| r.unit.clone()).unwrap_or_default()),
+            ("threshold", num(c.threshold.or(c.max_change_per_second))),
+            ("low", num(c.low)),
+            ("high", num(c.high)),
+            ("first_seen", format_ms(self.since_ms)),
+            ("ts", reading.map_or_else(|| format_ms(self.since_ms), |r| r.ts.clone())),
+            ("count", self.count.to_string()),
+            ("division", c.division.clone()),
+            ("gateway_id", self.gateway_id.to_string()),
+            ("event_id", self.event_id.to_string()),
+        ]);
+        fields.iter().map(|(k, t)| (k.clone(), t.render(&vars))).collect()
+    }
 }
 
 #[cfg(test)]
