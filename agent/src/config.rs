@@ -267,6 +267,9 @@ pub struct AmqpConfig {
     pub unrouted_queue: String,
     /// Publishes awaiting the broker's confirm at once.
     pub max_in_flight: usize,
+    /// Largest AMQP frame; the client keeps 64 frames of buffers, so this sets its memory.
+    /// Bigger messages are split into several frames. A `frame_max` in the URL wins.
+    pub frame_max_bytes: u32,
     /// A confirm not received within this is treated as a failed connection.
     #[serde(with = "humantime_serde")]
     pub confirm_timeout: Duration,
@@ -287,6 +290,7 @@ impl Default for AmqpConfig {
             unrouted_exchange: "edgecase.unrouted".into(),
             unrouted_queue: "edgecase.unrouted".into(),
             max_in_flight: 2048,
+            frame_max_bytes: 16 * 1024,
             confirm_timeout: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
@@ -468,6 +472,9 @@ impl Config {
                 }
             }
             check_positive(&mut p, "amqp.max_in_flight", a.max_in_flight as u64);
+            if a.frame_max_bytes < 4096 {
+                p.push("amqp.frame_max_bytes: must be at least 4096 (the AMQP minimum)".into());
+            }
             check_backoff(&mut p, "amqp", a.reconnect_min, a.reconnect_max);
         }
         if let Err(problems) = crate::rules::RuleSet::new(&self.rules) {

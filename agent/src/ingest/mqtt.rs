@@ -101,15 +101,16 @@ impl MqttIngest {
                     let entry = self.entry_for(&publish);
                     // Queue in arrival order; the acknowledger waits for the commits in the
                     // same order. Both are bounded: when full, this loop stops polling.
-                    let queued = tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        q = self.buffer.queue(vec![entry.clone()]) => q,
-                    };
-                    let sent = tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        r = uncommitted_tx.send(Uncommitted { publish, entry, queued }) => r,
-                    };
-                    if sent.is_err() {
+                    // Neither wait is cut short by shutdown: a message queued for commit
+                    // must reach the acknowledger, or it would be stored and never
+                    // acknowledged, and the broker would deliver it again. Both waits end,
+                    // as the writer and the acknowledger keep draining.
+                    let queued = self.buffer.queue(vec![entry.clone()]).await;
+                    if uncommitted_tx
+                        .send(Uncommitted { publish, entry, queued })
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }

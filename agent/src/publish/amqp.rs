@@ -159,7 +159,8 @@ impl AmqpPublisher {
     async fn connect(&self) -> Result<Session, Error> {
         crate::tls::install_crypto_provider();
         let props = ConnectionProperties::default().with_connection_name(self.connection_name.clone().into());
-        let connect = Connection::connect(self.cfg.url.expose(), props);
+        let url = with_frame_max(self.cfg.url.expose(), self.cfg.frame_max_bytes);
+        let connect = Connection::connect(&url, props);
         let connection = tokio::time::timeout(Duration::from_secs(15), connect)
             .await
             .map_err(|_| Error::Broker("connect timed out after 15s".into()))??;
@@ -310,6 +311,19 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
+/// Adds `frame_max` to the URL unless it names one. lapin keeps 64 frames of buffers per
+/// connection, so RabbitMQ's default of 128 KiB frames costs 8 MiB of memory; readings are
+/// a few hundred bytes, and larger messages are split into several frames anyway.
+fn with_frame_max(url: &str, frame_max: u32) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if !u.query_pairs().any(|(k, _)| k == "frame_max") => {
+            u.query_pairs_mut().append_pair("frame_max", &frame_max.to_string());
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// Publishes one row: persistent, mandatory, with its stable `message_id`.
 async fn publish_row(channel: &Channel, row: &StoredRecord) -> Result<lapin::PublisherConfirm, Error> {
     let mut headers = FieldTable::default();
@@ -397,4 +411,19 @@ pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> Result<(),
         .await
         .map_err(|e| topology(&format!("exchange {}", cfg.dead_letter_exchange), e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_max_is_added_unless_the_url_names_one() {
+        assert_eq!(
+            with_frame_max("amqp://guest:guest@127.0.0.1:5672/%2f", 16384),
+            "amqp://guest:guest@127.0.0.1:5672/%2f?frame_max=16384"
+        );
+        let own = "amqps://h/%2f?frame_max=65536&heartbeat=10";
+        assert_eq!(with_frame_max(own, 16384), own);
+    }
 }
