@@ -19,6 +19,26 @@ fn duplicates(collector: &Collector) -> usize {
     arrivals(&collector.readings()).values().map(|n| n - 1).sum()
 }
 
+/// Waits until readings `0..total` all arrived (failing with the missing ones), then until
+/// the agent's buffer is empty.
+async fn expect_all_arrived(agent: &Agent, collector: &Collector, total: u64, within: Duration) {
+    if let Err(e) = collector.wait_distinct(total, within).await {
+        let gone = missing(collector, total);
+        agent.fail(format!(
+            "{e}; {} missing, first: {:?}",
+            gone.len(),
+            &gone[..gone.len().min(20)]
+        ));
+    }
+    let gone = missing(collector, total);
+    assert!(gone.is_empty(), "lost: {gone:?}");
+    agent
+        .wait_metrics("the buffer to drain", Duration::from_secs(30), |m| {
+            m.value("edgecase_buffer_pending_readings") == 0.0
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_loses_nothing() {
     let _rabbitmq = RABBITMQ.read().await;
@@ -63,21 +83,7 @@ async fn kill_dash_nine_loses_nothing() {
         .await
         .unwrap_or_else(|e| agent.fail(e));
     assert_eq!(published, TOTAL);
-    if let Err(e) = collector.wait_distinct(TOTAL, Duration::from_secs(60)).await {
-        let gone = missing(&collector, TOTAL);
-        agent.fail(format!(
-            "{e}; {} missing, first: {:?}",
-            gone.len(),
-            &gone[..gone.len().min(20)]
-        ));
-    }
-    let gone = missing(&collector, TOTAL);
-    assert!(gone.is_empty(), "lost after kill -9: {gone:?}");
-    agent
-        .wait_metrics("the buffer to drain", Duration::from_secs(30), |m| {
-            m.value("edgecase_buffer_pending_readings") == 0.0
-        })
-        .await;
+    expect_all_arrived(&agent, &collector, TOTAL, Duration::from_secs(60)).await;
     eprintln!(
         "kill -9 x3: all {TOTAL} readings arrived; {} duplicates (allowed); backlog at a kill at most {max_backlog}",
         duplicates(&collector)
@@ -133,21 +139,7 @@ async fn sigterm_stops_cleanly() {
     // What was left in the buffer or the broker's session arrives after a restart.
     agent.restart();
     agent.wait_connected(true).await;
-    if let Err(e) = collector.wait_distinct(published, Duration::from_secs(30)).await {
-        let gone = missing(&collector, published);
-        agent.fail(format!(
-            "{e}; {} missing, first: {:?}",
-            gone.len(),
-            &gone[..gone.len().min(20)]
-        ));
-    }
-    let gone = missing(&collector, published);
-    assert!(gone.is_empty(), "lost across SIGTERM: {gone:?}");
-    agent
-        .wait_metrics("the buffer to drain", Duration::from_secs(30), |m| {
-            m.value("edgecase_buffer_pending_readings") == 0.0
-        })
-        .await;
+    expect_all_arrived(&agent, &collector, published, Duration::from_secs(30)).await;
     // Duplicates are checked by sigterm_acknowledges_everything_it_committed.
     eprintln!(
         "SIGTERM: all {published} readings arrived; {} duplicates",
@@ -196,15 +188,7 @@ async fn sigterm_acknowledges_everything_it_committed() {
         .finish(Duration::from_secs(60))
         .await
         .unwrap_or_else(|e| agent.fail(e));
-    collector
-        .wait_distinct(published, Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|e| agent.fail(e));
-    agent
-        .wait_metrics("the buffer to drain", Duration::from_secs(30), |m| {
-            m.value("edgecase_buffer_pending_readings") == 0.0
-        })
-        .await;
+    expect_all_arrived(&agent, &collector, published, Duration::from_secs(30)).await;
     let counts = arrivals(&collector.readings());
     let mut twice: Vec<u64> = counts
         .iter()
