@@ -6,7 +6,8 @@
 //! A MISS does not fail the command; an unreachable service or a stalled measurement does
 //! (exit status 1, with the reason on stderr).
 //!
-//! Ceilings (plain libraries, no agent code):
+//! Ceilings (plain libraries, no agent code; A and B are measured before and after the agent
+//! runs, and the better run counts, so a moment of disturbance cannot flatter a ratio):
 //! - A: rumqttc QoS 1 receive rate (auto-ack subscriber) from Mosquitto, on the stock broker
 //!   (127.0.0.1:1883) and on a private, tuned broker this run starts on a free port;
 //! - B: lapin confirmed, persistent publish rate to RabbitMQ, 2,000 confirms outstanding
@@ -260,9 +261,9 @@ async fn measure_all(
     log(format!(
         "ceiling B: lapin confirmed persistent publish, {AMQP_N} messages, {AMQP_WINDOW} confirms outstanding"
     ));
-    let ceil_b = report.record(bounded(120, amqp_ceiling(run_id, false, cleanup)).await, "ceiling B");
+    let ceil_b = report.record(bounded(120, amqp_ceiling(run_id, false, 1, cleanup)).await, "ceiling B");
     log("ceiling B': the same with the agent's message properties and exchange arguments");
-    let ceil_bx = report.record(bounded(120, amqp_ceiling(run_id, true, cleanup)).await, "ceiling B'");
+    let ceil_bx = report.record(bounded(120, amqp_ceiling(run_id, true, 1, cleanup)).await, "ceiling B'");
 
     let mut ceil_a = Vec::new();
     for b in brokers {
@@ -271,7 +272,7 @@ async fn measure_all(
             b.name
         ));
         ceil_a.push(report.record(
-            bounded(90, mqtt_ceiling(run_id, b)).await,
+            bounded(90, mqtt_ceiling(run_id, b, 1)).await,
             &format!("ceiling A ({})", b.name),
         ));
     }
@@ -286,6 +287,23 @@ async fn measure_all(
         }
         agents.push(r);
     }
+
+    // The ceilings again, after the agent runs: each is the better of its two runs, so a
+    // moment of disturbance does not lower a ceiling (and flatter a ratio).
+    log("ceilings B and A again (each ceiling is the better of two runs)");
+    let b2 = report.record(
+        bounded(120, amqp_ceiling(run_id, false, 2, cleanup)).await,
+        "ceiling B (2nd run)",
+    );
+    let ceil_b = best(ceil_b, b2);
+    let mut ceil_a2 = Vec::new();
+    for b in brokers {
+        ceil_a2.push(report.record(
+            bounded(90, mqtt_ceiling(run_id, b, 2)).await,
+            &format!("ceiling A ({}, 2nd run)", b.name),
+        ));
+    }
+    let ceil_a: Vec<Option<Rate>> = ceil_a.into_iter().zip(ceil_a2).map(|(x, y)| best(x, y)).collect();
 
     // The table.
     let rate = |r: &Option<Rate>| r.as_ref().map(|r| r.per_sec);
@@ -599,6 +617,25 @@ fn fmt_mb(kb: u64) -> String {
 struct Rate {
     per_sec: f64,
     detail: String,
+}
+
+/// The better of two runs of a ceiling (either may have failed).
+fn best(a: Option<Rate>, b: Option<Rate>) -> Option<Rate> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let (hi, lo) = if a.per_sec >= b.per_sec { (a, b) } else { (b, a) };
+            Some(Rate {
+                per_sec: hi.per_sec,
+                detail: format!(
+                    "better of two runs ({} and {}): {}",
+                    fmt_rate(hi.per_sec),
+                    fmt_rate(lo.per_sec),
+                    hi.detail
+                ),
+            })
+        }
+        (a, b) => a.or(b),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1101,9 +1138,10 @@ async fn mqtt_publish(
 }
 
 /// Ceiling A: a plain rumqttc subscriber (auto-ack, QoS 1) receiving a burst.
-async fn mqtt_ceiling(run_id: &str, b: &BrokerRef) -> Result<Rate> {
-    let prefix = format!("{run_id}/ceil-{}", b.name);
-    let (client, mut el) = mqtt_connect(b.port, &format!("{run_id}-ceil-sub-{}", b.name), true, 100, 100).await?;
+async fn mqtt_ceiling(run_id: &str, b: &BrokerRef, round: u32) -> Result<Rate> {
+    let prefix = format!("{run_id}/ceil{round}-{}", b.name);
+    let (client, mut el) =
+        mqtt_connect(b.port, &format!("{run_id}-ceil{round}-sub-{}", b.name), true, 100, 100).await?;
     client
         .subscribe(format!("{prefix}/+/+"), QoS::AtLeastOnce)
         .await
@@ -1156,7 +1194,7 @@ async fn mqtt_ceiling(run_id: &str, b: &BrokerRef) -> Result<Rate> {
     let result = async {
         let published = mqtt_publish(
             b.port,
-            &format!("{run_id}-ceil-pub-{}", b.name),
+            &format!("{run_id}-ceil{round}-pub-{}", b.name),
             &prefix,
             0..MQTT_N,
             gate,
@@ -1232,8 +1270,8 @@ async fn bound_queue(ch: &Channel, queue: &str, exchange: &str) -> Result<()> {
 /// With `agent_like` (B'), each message carries what the agent's publisher sends (mandatory
 /// flag, message id, timestamp, an `x-device-id` header) to a topic exchange with an
 /// alternate exchange, as the agent declares it: the broker-side cost of the agent's format.
-async fn amqp_ceiling(run_id: &str, agent_like: bool, cleanup: &mut Cleanup) -> Result<Rate> {
-    let kind = if agent_like { "ceilx" } else { "ceil" };
+async fn amqp_ceiling(run_id: &str, agent_like: bool, round: u32, cleanup: &mut Cleanup) -> Result<Rate> {
+    let kind = format!("{}{round}", if agent_like { "ceilx" } else { "ceil" });
     let exchange = format!("{run_id}.{kind}.readings");
     let queue = format!("{run_id}.{kind}.q");
     let conn = amqp_connect("ceiling B").await?;
