@@ -403,15 +403,6 @@ impl Engine {
         self.states = states;
     }
 
-    /// Whether any rule needs [`Engine::on_tick`].
-    pub fn has_silent_rules(&self) -> bool {
-        self.rules.rules.iter().any(|r| r.config.kind == RuleKind::Silent)
-    }
-
-    pub fn state(&self, rule: &str, device: &str, sensor: &str) -> Option<&RuleState> {
-        self.states.get(&key(rule, device, sensor))
-    }
-
     /// Evaluates one reading against every matching rule. Value rules measure time with the
     /// reading's own `ts`; silent rules with `now_ms`, the clock [`Engine::on_tick`] uses.
     /// Returns the case events and the keys of the states it changed (to persist).

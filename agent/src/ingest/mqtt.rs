@@ -18,9 +18,7 @@ use crate::buffer::Buffer;
 use crate::config::{Config, MqttConfig};
 use crate::metrics::Metrics;
 use crate::reading::{Origin, now_ms};
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -393,11 +391,6 @@ fn options(cfg: &MqttConfig, client_id: &str) -> Result<MqttOptions, Error> {
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client)));
     }
     Ok(o)
-}
-
-/// Exposed so tests can build the exact options the agent uses.
-pub fn event_loop(cfg: &MqttConfig, client_id: &str, cap: usize) -> Result<(AsyncClient, EventLoop), Error> {
-    Ok(AsyncClient::new(options(cfg, client_id)?, cap))
 }
 
 #[cfg(test)]

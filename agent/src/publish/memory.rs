@@ -68,44 +68,42 @@ impl MemoryPublisher {
 
     /// Hands over the next rows; false if there were none.
     async fn deliver_once(&self, cursor: &mut i64, cancel: &CancellationToken) -> bool {
-        {
-            let rows = match self.buffer.load_after(*cursor, 512).await {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(error = %e, "in-process publisher cannot read the buffer; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    return false;
-                }
-            };
-            if rows.is_empty() {
+        let rows = match self.buffer.load_after(*cursor, 512).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "in-process publisher cannot read the buffer; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 return false;
             }
-            let mut handed_over = Vec::with_capacity(rows.len());
-            for row in rows {
-                let delivery = Delivery {
-                    exchange: row.exchange,
-                    routing_key: row.routing_key,
-                    message_id: row.message_id,
-                    device_id: row.device_id,
-                    payload: row.payload,
-                };
-                let sent = tokio::select! {
-                    _ = cancel.cancelled() => false,
-                    r = self.deliveries.send(delivery) => r.is_ok(),
-                };
-                if !sent {
-                    break;
-                }
-                *cursor = row.id;
-                handed_over.push(row.id);
-                self.metrics.publish_confirmed.inc();
-                self.metrics.made_progress();
-            }
-            if let Err(e) = self.buffer.release(handed_over).await {
-                tracing::warn!(error = %e, "in-process publisher cannot release rows; they are delivered again");
-                *cursor = 0;
-            }
-            true
+        };
+        if rows.is_empty() {
+            return false;
         }
+        let mut handed_over = Vec::with_capacity(rows.len());
+        for row in rows {
+            let delivery = Delivery {
+                exchange: row.exchange,
+                routing_key: row.routing_key,
+                message_id: row.message_id,
+                device_id: row.device_id,
+                payload: row.payload,
+            };
+            let sent = tokio::select! {
+                _ = cancel.cancelled() => false,
+                r = self.deliveries.send(delivery) => r.is_ok(),
+            };
+            if !sent {
+                break;
+            }
+            *cursor = row.id;
+            handed_over.push(row.id);
+            self.metrics.publish_confirmed.inc();
+            self.metrics.made_progress();
+        }
+        if let Err(e) = self.buffer.release(handed_over).await {
+            tracing::warn!(error = %e, "in-process publisher cannot release rows; they are delivered again");
+            *cursor = 0;
+        }
+        true
     }
 }
