@@ -46,10 +46,7 @@ async fn kill_dash_nine_loses_nothing() {
     let bed = TestBed::new("kill9");
     let mut agent = bed.start_agent();
     agent.wait_connected(true).await;
-    bind_readings_queue(&bed.names).await;
-    let collector = Collector::start(&bed.names).await;
-    let mut probe = Publisher::connect(&bed.names).await;
-    wait_subscribed(&agent, &mut probe, &bed.names).await;
+    let (collector, _probe) = subscribed_collector(&agent, &bed.names).await;
 
     // ~1000/s, and at most 500 ahead of what arrived: while the agent is down the broker
     // queues at most that many for its session (its limit is 1000).
@@ -102,10 +99,7 @@ async fn sigterm_stops_cleanly() {
     let bed = TestBed::new("sigterm");
     let mut agent = bed.start_agent();
     agent.wait_connected(true).await;
-    bind_readings_queue(&bed.names).await;
-    let collector = Collector::start(&bed.names).await;
-    let mut probe = Publisher::connect(&bed.names).await;
-    wait_subscribed(&agent, &mut probe, &bed.names).await;
+    let (collector, _probe) = subscribed_collector(&agent, &bed.names).await;
 
     let plan = StreamPlan {
         total: 4000,
@@ -163,10 +157,7 @@ async fn sigterm_acknowledges_everything_it_committed() {
     let bed = TestBed::new("sigterm-acks");
     let mut agent = bed.start_agent();
     agent.wait_connected(true).await;
-    bind_readings_queue(&bed.names).await;
-    let collector = Collector::start(&bed.names).await;
-    let mut probe = Publisher::connect(&bed.names).await;
-    wait_subscribed(&agent, &mut probe, &bed.names).await;
+    let (collector, _probe) = subscribed_collector(&agent, &bed.names).await;
 
     let plan = StreamPlan {
         total: 400 * (CYCLES + 1),

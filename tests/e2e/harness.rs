@@ -885,6 +885,16 @@ pub async fn wait_subscribed(agent: &Agent, publisher: &mut Publisher, names: &N
     agent.fail("the agent ingested none of the probe readings within 15 s (not subscribed?)")
 }
 
+/// The usual start of a readings test: the test's queue bound to the readings exchange, a
+/// collector consuming it, and a publisher whose probe proved the agent is subscribed.
+pub async fn subscribed_collector(agent: &Agent, names: &Names) -> (Collector, Publisher) {
+    bind_readings_queue(names).await;
+    let collector = Collector::start(names).await;
+    let mut publisher = Publisher::connect(names).await;
+    wait_subscribed(agent, &mut publisher, names).await;
+    (collector, publisher)
+}
+
 /// What a background stream publishes: reading `i` goes to `identity(i)` with seq `i`.
 pub struct StreamPlan {
     pub total: u64,

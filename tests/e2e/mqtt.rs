@@ -41,10 +41,7 @@ async fn mqtt_readings_arrive_exactly_once() {
     let bed = TestBed::new("mqtt-once");
     let agent = bed.start_agent();
     agent.wait_connected(true).await;
-    bind_readings_queue(&bed.names).await;
-    let collector = Collector::start(&bed.names).await;
-    let mut probe = Publisher::connect(&bed.names).await;
-    wait_subscribed(&agent, &mut probe, &bed.names).await;
+    let (collector, _probe) = subscribed_collector(&agent, &bed.names).await;
 
     // As fast as the agent takes them, but never more than 500 ahead of what arrived, so
     // the broker's queue for the agent's session stays far below its 1000-message limit.
@@ -125,10 +122,7 @@ async fn bad_input_is_dead_lettered_and_good_readings_flow() {
     bed.config["serial"] = serde_json::json!([{ "path": pty.path, "baud_rate": 115200, "device_id": "serial-dev" }]);
     let mut agent = bed.start_agent();
     agent.wait_connected(true).await;
-    bind_readings_queue(&bed.names).await;
-    let collector = Collector::start(&bed.names).await;
-    let mut publisher = Publisher::connect(&bed.names).await;
-    wait_subscribed(&agent, &mut publisher, &bed.names).await;
+    let (collector, mut publisher) = subscribed_collector(&agent, &bed.names).await;
 
     let bad: Vec<(&str, Vec<u8>, &str)> = vec![
         ("invalid JSON", b"{not json".to_vec(), "JSON"),
