@@ -185,9 +185,10 @@ impl AmqpPublisher {
                 let want = (max - in_flight.len()).min(LOAD_CHUNK);
                 let rows = self.buffer.load_after(cursor, want).await?;
                 loaded_all = rows.len() < want;
-                for row in rows {
+                let confirms = publish_rows(&session.channel, &rows).await;
+                for (row, confirm) in rows.into_iter().zip(confirms) {
+                    let confirm = confirm?;
                     cursor = row.id;
-                    let confirm = publish_row(&session.channel, &row).await?;
                     let (id, created_ms) = (row.id, row.created_ms);
                     in_flight.push_back(async move { (id, created_ms, row, confirm.await) });
                     sent_at.push_back(Instant::now());
@@ -322,6 +323,38 @@ fn with_frame_max(url: &str, frame_max: u32) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// Publishes `rows` in order and returns their pending confirms, in the same order.
+///
+/// lapin's `basic_publish` queues the frames (and takes the delivery tag) synchronously on
+/// its first poll, then waits until its I/O thread has written them. Awaiting each publish
+/// in turn costs two thread hand-overs per message, which showed as a third of the agent's
+/// CPU in profiles. So each publish is polled once, in row order (the order of the frames
+/// on the wire and of the delivery tags), and then all of them are awaited together: the
+/// I/O thread writes the whole chunk in one wake-up.
+async fn publish_rows(channel: &Channel, rows: &[StoredRecord]) -> Vec<Result<lapin::PublisherConfirm, Error>> {
+    use std::future::Future;
+    use std::task::Poll;
+    let mut sends: Vec<_> = rows.iter().map(|row| Box::pin(publish_row(channel, row))).collect();
+    let mut done: Vec<Option<Result<lapin::PublisherConfirm, Error>>> = (0..rows.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        // Every pass goes in row order, so the first pass queues the frames in row order.
+        for (send, slot) in sends.iter_mut().zip(done.iter_mut()) {
+            if slot.is_none() {
+                match send.as_mut().poll(cx) {
+                    Poll::Ready(r) => *slot = Some(r),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    done.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::Broker("publish did not complete".into()))))
+        .collect()
 }
 
 /// Publishes one row: persistent, mandatory, with its stable `message_id`.
