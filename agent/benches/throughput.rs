@@ -257,6 +257,32 @@ async fn measure_all(
         );
         buffer_rows.push((tasks, batch, r));
     }
+    let rate = |r: &Option<Rate>| r.as_ref().map(|r| r.per_sec);
+    let buffer_table = |report: &mut Report| {
+        report.row(Row::ceiling(
+            "C  rusqlite WAL+FULL, 4096-row tx, id+payload",
+            ceil_c.as_ref(),
+        ));
+        report.row(Row::ceiling(
+            "C' rusqlite WAL+FULL, 4096-row tx, outbox table",
+            ceil_cs.as_ref(),
+        ));
+        report.separator();
+        for (tasks, batch, r) in &buffer_rows {
+            let figure = format!("Buffer: {tasks} tasks x {batch}-record appends");
+            report.row(Row::rate_vs(
+                &figure,
+                r.as_ref(),
+                rate(&ceil_c),
+                "C",
+                Goal::AtLeast(GOAL_BUFFER_RATE),
+            ));
+        }
+    };
+    if std::env::args().any(|a| a == "--buffer-only") {
+        buffer_table(report);
+        return Ok(());
+    }
 
     log(format!(
         "ceiling B: lapin confirmed persistent publish, {AMQP_N} messages, {AMQP_WINDOW} confirms outstanding"
@@ -306,7 +332,6 @@ async fn measure_all(
     let ceil_a: Vec<Option<Rate>> = ceil_a.into_iter().zip(ceil_a2).map(|(x, y)| best(x, y)).collect();
 
     // The table.
-    let rate = |r: &Option<Rate>| r.as_ref().map(|r| r.per_sec);
     for (b, a) in brokers.iter().zip(&ceil_a) {
         report.row(Row::ceiling(
             &format!("A  rumqttc QoS 1 receive, {} Mosquitto", b.name),
@@ -315,25 +340,7 @@ async fn measure_all(
     }
     report.row(Row::ceiling("B  lapin confirmed persistent publish", ceil_b.as_ref()));
     report.row(Row::ceiling("B' the same, agent's message format", ceil_bx.as_ref()));
-    report.row(Row::ceiling(
-        "C  rusqlite WAL+FULL, 4096-row tx, id+payload",
-        ceil_c.as_ref(),
-    ));
-    report.row(Row::ceiling(
-        "C' rusqlite WAL+FULL, 4096-row tx, outbox table",
-        ceil_cs.as_ref(),
-    ));
-    report.separator();
-    for (tasks, batch, r) in &buffer_rows {
-        let figure = format!("Buffer: {tasks} tasks x {batch}-record appends");
-        report.row(Row::rate_vs(
-            &figure,
-            r.as_ref(),
-            rate(&ceil_c),
-            "C",
-            Goal::AtLeast(GOAL_BUFFER_RATE),
-        ));
-    }
+    buffer_table(report);
     for ((b, a), agent) in brokers.iter().zip(&ceil_a).zip(&agents) {
         report.separator();
         let ceiling = match (rate(a), rate(&ceil_b)) {

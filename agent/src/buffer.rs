@@ -38,7 +38,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "buffer.db";
@@ -47,6 +47,9 @@ const LOCK_FILE: &str = "edgecase.lock";
 pub const RECENT_IDS: usize = 16_384;
 /// Raw bytes kept per dead letter; longer inputs are cut (the reason says so).
 pub const DEAD_LETTER_RAW_MAX: usize = 1024 * 1024;
+/// Longest a group commit waits for the callers of the previous one to come back (see
+/// `WriterState::run`): a small fraction of a durable commit's own cost.
+const GROUP_LINGER: std::time::Duration = std::time::Duration::from_micros(250);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -213,7 +216,7 @@ struct Shared {
 /// Handle to the buffer; cheap to clone. The writer thread stops when every handle is gone.
 #[derive(Clone)]
 pub struct Buffer {
-    tx: mpsc::Sender<Command>,
+    tx: flume::Sender<Command>,
     reader: Arc<Mutex<Connection>>,
     shared: Arc<Shared>,
     path: PathBuf,
@@ -282,7 +285,7 @@ impl Buffer {
         });
         shared.publish_gauges();
         // Bounded: a full command queue blocks appenders, which is back-pressure too.
-        let (tx, rx) = mpsc::channel(cfg.max_batch.max(64));
+        let (tx, rx) = flume::bounded(cfg.max_batch.max(64));
         let recent = RecentIds::load(&writer).map_err(|e| storage(&path, e))?;
         let rules = match rules {
             Some(setup) if !setup.rules.is_empty() => {
@@ -341,7 +344,7 @@ impl Buffer {
     pub async fn queue(&self, entries: Vec<Entry>) -> Result<Queued, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Append { entries, reply })
+            .send_async(Command::Append { entries, reply })
             .await
             .map_err(|_| Error::Closed)?;
         Ok(Queued(rx))
@@ -349,7 +352,10 @@ impl Buffer {
 
     /// Lets the rules notice silent devices; call about once a second.
     pub async fn tick(&self, now_ms: i64) -> Result<(), Error> {
-        self.tx.send(Command::Tick { now_ms }).await.map_err(|_| Error::Closed)
+        self.tx
+            .send_async(Command::Tick { now_ms })
+            .await
+            .map_err(|_| Error::Closed)
     }
 
     /// Deletes published rows. Call only after the broker confirmed them.
@@ -359,7 +365,7 @@ impl Buffer {
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Release { ids, reply })
+            .send_async(Command::Release { ids, reply })
             .await
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
@@ -369,7 +375,7 @@ impl Buffer {
     pub async fn delete_dead_letters(&self, ids: Vec<i64>) -> Result<u64, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::DeleteDeadLetters { ids, reply })
+            .send_async(Command::DeleteDeadLetters { ids, reply })
             .await
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
@@ -631,20 +637,29 @@ enum Outcome {
 }
 
 impl WriterState {
-    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        // blocking_recv: this is a plain thread, not a runtime worker.
-        while let Some(first) = rx.blocking_recv() {
+    fn run(mut self, rx: flume::Receiver<Command>) {
+        // How many commands the last transaction held: their callers are likely to come
+        // back together, so the next transaction waits a moment (at most GROUP_LINGER) for
+        // that many. Without it, the first caller to come back gets a transaction of its
+        // own and the rest trail in small ones. It never waits for more than the last
+        // transaction held, so a lone caller is never delayed, and it shrinks to what
+        // arrives when the load drops.
+        let mut expected = 1usize;
+        while let Ok(first) = rx.recv() {
+            let deadline = std::time::Instant::now() + GROUP_LINGER;
             let mut weight = first.weight();
             let mut batch = vec![first];
             while weight < self.cfg.max_batch {
-                match rx.try_recv() {
-                    Ok(cmd) => {
-                        weight += cmd.weight();
-                        batch.push(cmd);
-                    }
-                    Err(_) => break,
-                }
+                let next = match rx.try_recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(flume::TryRecvError::Empty) if batch.len() < expected => rx.recv_deadline(deadline).ok(),
+                    Err(_) => None,
+                };
+                let Some(cmd) = next else { break };
+                weight += cmd.weight();
+                batch.push(cmd);
             }
+            expected = batch.len();
             self.commit_batch(batch);
         }
         // Every handle is gone: checkpoint so the WAL does not have to be replayed at start.
