@@ -7,6 +7,7 @@
 
 mod harness;
 
+mod binary;
 mod broker_limits;
 mod cases;
 mod config;
