@@ -15,5 +15,6 @@ mod crash;
 mod demo;
 mod mqtt;
 mod outage;
+mod python;
 mod rules;
 mod serial;
