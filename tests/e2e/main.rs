@@ -18,3 +18,4 @@ mod outage;
 mod python;
 mod rules;
 mod serial;
+mod sim;
