@@ -62,6 +62,8 @@ fn binary_opts() -> SerialOptions {
     }
 }
 
+type SimTask = tokio::task::JoinHandle<(Summary, Result<(), String>)>;
+
 /// Runs the simulator on a blocking thread until its plan is done and every frame is
 /// acknowledged (or the drain time runs out).
 fn start_sim(
@@ -71,7 +73,7 @@ fn start_sim(
     bad: Vec<BadInputSpec>,
     opts: SerialOptions,
     manifest: Option<&Path>,
-) -> (tokio::task::JoinHandle<(Summary, Result<(), String>)>, Stop) {
+) -> (SimTask, Stop) {
     let link = Link::pty(pty).expect("pty link");
     let report = Report::new(manifest).expect("manifest");
     let stop: Stop = Arc::new(AtomicBool::new(false));
