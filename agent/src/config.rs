@@ -171,6 +171,9 @@ pub enum SerialFraming {
     /// One JSON reading per line, as over MQTT.
     #[default]
     JsonLines,
+    /// The binary firmware protocol of `docs/serial-protocol.md`: COBS frames with a CRC,
+    /// acknowledged after the commit.
+    Binary,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -184,7 +187,8 @@ pub struct SerialPortConfig {
     pub device_id: Option<String>,
     #[serde(default)]
     pub framing: SerialFraming,
-    /// Longer lines are dead-lettered.
+    /// Longer lines are dead-lettered (`json-lines` framing; binary frames have the
+    /// protocol's own limit).
     #[serde(default = "default_max_line")]
     pub max_line_bytes: usize,
     #[serde(default = "default_reopen_min", with = "humantime_serde")]

@@ -37,6 +37,14 @@ pub struct PortLabel {
     pub port: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrameLabels {
+    pub port: String,
+    /// `acked` (stored, then acknowledged), `duplicate` (a retransmission: acknowledged,
+    /// not stored again) or `nacked`.
+    pub result: String,
+}
+
 /// All metrics. Cloning the `Arc` is how stages share it.
 pub struct Metrics {
     pub registry: Registry,
@@ -46,6 +54,7 @@ pub struct Metrics {
     pub mqtt_reconnects: Counter,
     pub serial_port_open: Family<PortLabel, Gauge>,
     pub serial_reopens: Family<PortLabel, Counter>,
+    pub serial_frames: Family<FrameLabels, Counter>,
     pub buffer_pending_readings: Gauge,
     pub buffer_pending_bytes: Gauge,
     pub buffer_dead_letters: Gauge,
@@ -78,6 +87,7 @@ impl Metrics {
             mqtt_reconnects: Counter::default(),
             serial_port_open: Family::default(),
             serial_reopens: Family::default(),
+            serial_frames: Family::default(),
             buffer_pending_readings: Gauge::default(),
             buffer_pending_bytes: Gauge::default(),
             buffer_dead_letters: Gauge::default(),
@@ -128,6 +138,11 @@ impl Metrics {
             "edgecase_serial_reopens",
             "Serial port losses",
             m.serial_reopens.clone(),
+        );
+        r.register(
+            "edgecase_serial_frames",
+            "Binary serial frames answered, by result: acked, duplicate (a retransmission, acknowledged again), nacked",
+            m.serial_frames.clone(),
         );
         r.register(
             "edgecase_buffer_pending_readings",
@@ -254,6 +269,17 @@ impl Metrics {
                 action: action.to_string(),
             })
             .inc();
+    }
+
+    pub fn serial_frame(&self, port: &str, result: &str, n: u64) {
+        if n > 0 {
+            self.serial_frames
+                .get_or_create(&FrameLabels {
+                    port: port.to_string(),
+                    result: result.to_string(),
+                })
+                .inc_by(n);
+        }
     }
 
     pub fn made_progress(&self) {

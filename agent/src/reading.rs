@@ -202,6 +202,13 @@ fn message_id(
     uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, key.as_bytes()).to_string()
 }
 
+/// The id of the `index`-th reading of binary frame `seq` from `device`: the frame is
+/// identified by (device, seq), so a retransmitted frame yields the same ids.
+pub fn frame_message_id(device: &str, sensor: &str, seq: u32, index: usize) -> String {
+    let key = format!("{device}\0{sensor}\0frame\0{seq}\0{index}");
+    uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, key.as_bytes()).to_string()
+}
+
 fn non_empty(s: Option<&str>) -> Option<&str> {
     s.filter(|s| !s.trim().is_empty())
 }

@@ -1,24 +1,37 @@
-//! `edgecase-sim`: simulated sensor devices for trying and testing Edgecase.
+//! `edgecase-sim`: simulated sensor devices for trying, testing and loading Edgecase.
 //!
-//! Each simulated device has a few sensors whose values follow a slow sine with noise,
-//! deterministic for a given `--seed`, and numbers its readings with `seq` so a consumer
-//! can check that every reading arrived. Readings go to an MQTT broker (JSON payloads on
-//! `{prefix}/{device}/{sensor}`) or to a serial port as newline-delimited JSON, either an
-//! existing device path or a pseudo-terminal the simulator creates (it prints the path to
-//! put in the agent's `[[serial]]` table).
+//! A fleet of devices whose sensors follow patterns (deterministic for a `--seed`), with
+//! defects and bad input injected on purpose, sent over MQTT (JSON payloads on a topic
+//! template) or a serial line (a pseudo-terminal it creates, or a device path) as JSON lines
+//! or in the binary firmware protocol, where each simulated device behaves like firmware:
+//! it waits for ACKs, retransmits, and resumes its sequence numbers. A live rate line while
+//! it runs, a summary at the end, and optionally a manifest of everything sent.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use edgecase_sim::inject::{BadInputSpec, Injector};
+use edgecase_sim::model::{DefectSpec, DeviceSpec, Fleet};
+use edgecase_sim::mqtt::MqttTarget;
+use edgecase_sim::report::Report;
+use edgecase_sim::serial::{Framing, Link, Pty, SerialOptions};
+use edgecase_sim::{Plan, Scenario, Stop};
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(name = "edgecase-sim", version, max_term_width = 100)]
-#[command(about = "Simulated sensor devices: publish readings over MQTT or write them to a serial port")]
+#[command(about = "Simulated sensor devices: a fleet with patterns, defects and bad input, over MQTT or a serial line")]
 #[command(after_help = "Examples:\n  \
     edgecase-sim mqtt --devices 5 --rate 50 --count 1000\n  \
-    edgecase-sim serial --pty --device-id boiler-1 --rate 2")]
+    edgecase-sim serial --pty --device-id boiler-1 --rate 2\n  \
+    edgecase-sim serial --pty --framing binary --devices 3 --state /var/tmp/sim-seq.json\n  \
+    edgecase-sim serial --pty --framing binary --bad-input crc,p=0.02 --bad-input duplicate,p=0.01\n  \
+    edgecase-sim mqtt --devices 2 --defect device=dev1,kind=stuck,at=20s --defect kind=spike,p=0.01\n  \
+    edgecase-sim mqtt --scenario examples/sim/site.toml --duration 5m --manifest sent.jsonl\n  \
+    edgecase-sim serial --pty --framing binary --rate 0 --count 100000 --manifest sent.jsonl   (load)")]
 struct Cli {
     #[command(subcommand)]
     output: Output,
@@ -31,291 +44,325 @@ enum Output {
         /// Broker URL (mqtt://host:port).
         #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
         url: String,
-        /// Topics are {prefix}/{device}/{sensor}.
-        #[arg(long, default_value = "sensors")]
-        prefix: String,
+        /// Topic template; {device} and {sensor} are replaced.
+        #[arg(long, default_value = "sensors/{device}/{sensor}")]
+        topic: String,
+        /// Topics are {prefix}/{device}/{sensor} (shorthand for --topic).
+        #[arg(long, conflicts_with = "topic")]
+        prefix: Option<String>,
         /// QoS level: 0 or 1.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
         qos: u8,
+        /// Payloads without device_id and sensor (the topic names them).
+        #[arg(long)]
+        bare: bool,
         #[command(flatten)]
-        fleet: Fleet,
+        fleet: FleetArgs,
+        #[command(flatten)]
+        load: LoadArgs,
     },
-    /// Write newline-delimited JSON readings to a serial port or a new pseudo-terminal.
+    /// Write readings to a serial port or a new pseudo-terminal, as JSON lines or binary frames.
     Serial {
         /// Existing serial device (e.g. /dev/ttyUSB0).
         #[arg(long, required_unless_present = "pty", conflicts_with = "pty")]
-        path: Option<String>,
-        /// Create a pseudo-terminal and print the path the agent should open.
+        path: Option<PathBuf>,
+        /// Create a pseudo-terminal and print the path the agent should open (first line of stdout).
         #[arg(long)]
         pty: bool,
         /// Baud rate for a real serial device.
         #[arg(long, default_value_t = 115_200)]
         baud_rate: u32,
-        /// Leave device_id out of each line (the agent's port config supplies it).
+        /// json-lines, or binary (docs/serial-protocol.md: COBS frames, CRC, ACK/NACK).
+        #[arg(long, default_value = "json-lines")]
+        framing: Framing,
+        /// Binary: frames a device may have unacknowledged (1-8).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+        window: u8,
+        /// Binary: first ACK timeout; doubles per retransmission up to 8x.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        ack_timeout: Duration,
+        /// Binary: a JSON file keeping each device's next sequence number, so a restarted
+        /// simulator resumes them (reserved in blocks of 256, as firmware would).
         #[arg(long)]
-        device_id: Option<String>,
+        state: Option<PathBuf>,
+        /// First sequence number of devices the state file does not know (default: random).
+        #[arg(long)]
+        seq_start: Option<u32>,
+        /// Leave device_id out of lines and frames (the agent's [[serial]] device_id fills it).
+        #[arg(long)]
+        omit_device_id: bool,
+        /// Binary: at the end, how long to wait for outstanding ACKs.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        drain: Duration,
         #[command(flatten)]
-        fleet: Fleet,
+        fleet: FleetArgs,
+        #[command(flatten)]
+        load: LoadArgs,
     },
 }
 
 #[derive(Debug, Args)]
-struct Fleet {
+struct FleetArgs {
+    /// A scenario file (TOML): the whole fleet with its defects and bad input.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
     /// Number of devices (named dev1, dev2, ...).
     #[arg(long, default_value_t = 3)]
     devices: u32,
+    /// One device with this id (instead of --devices).
+    #[arg(long)]
+    device_id: Option<String>,
     /// Sensor names, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "temp,humidity")]
     sensors: Vec<String>,
-    /// Readings per second, all devices together (0 = as fast as possible).
-    #[arg(long, default_value_t = 10.0)]
-    rate: f64,
-    /// Stop after this many readings (0 = run until Ctrl-C).
+    /// Pattern of every sensor: constant[:value:noise], sine[:mean:amplitude:period:noise],
+    /// random-walk[:start:step], steps[:a,b,c], drift[:start:per_hour:noise]. Default: by
+    /// sensor name.
+    #[arg(long)]
+    pattern: Option<String>,
+    /// A defect, repeatable: kind=spike|stuck|dropout|out-of-range|drift with at=20s and
+    /// for=30s, or probability=0.01; value=..., device=..., sensor=...
+    #[arg(long = "defect")]
+    defects: Vec<String>,
+    /// Seed for values, defects and bad input; the same seed gives the same readings.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// Readings per second, all devices together (0 = as fast as the output takes them).
+    /// Default 10, or the scenario's own intervals.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Stop after this many readings (0 = no limit).
     #[arg(long, default_value_t = 0)]
     count: u64,
-    /// Seed for the values; the same seed gives the same readings.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    /// Stop after this long (e.g. 90s, 10m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Bad input, repeatable: kind=malformed-json|wrong-type|crc|truncated|garbage|duplicate|
+    /// out-of-order with probability=0.01 or at=10s, and device=...
+    #[arg(long = "bad-input")]
+    bad_input: Vec<String>,
+    /// Write what was sent (one JSON object per reading and bad input, then the summary).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// No live rate line (the summary is still printed).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
-/// Deterministic value generator: a sine per sensor plus splitmix64 noise.
-struct Values {
-    state: u64,
+struct Setup {
+    fleet: Fleet,
+    injector: Injector,
+    plan: Plan,
+    report: Report,
 }
 
-impl Values {
-    fn next_noise(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-    }
-
-    fn value(&mut self, sensor_index: usize, seq: u64) -> f64 {
-        let base = 20.0 + 10.0 * sensor_index as f64;
-        let v = base + 5.0 * ((seq as f64) / 60.0).sin() + self.next_noise();
-        (v * 100.0).round() / 100.0
-    }
-}
-
-/// The n-th reading of the fleet: which device and sensor, and its JSON object.
-fn reading(
-    fleet: &Fleet,
-    values: &mut Values,
-    n: u64,
-    with_device: Option<&str>,
-) -> (String, String, serde_json::Value) {
-    let sensors = fleet.sensors.len().max(1) as u64;
-    let device = format!("dev{}", n / sensors % u64::from(fleet.devices.max(1)) + 1);
-    let s_idx = (n % sensors) as usize;
-    let sensor = fleet.sensors.get(s_idx).cloned().unwrap_or_else(|| "value".into());
-    let mut obj = serde_json::json!({ "value": values.value(s_idx, n), "seq": n });
-    if let Some(map) = obj.as_object_mut() {
-        map.insert("sensor".into(), sensor.clone().into());
-        if let Some(d) = with_device {
-            map.insert("device_id".into(), d.into());
-        }
-    }
-    (device, sensor, obj)
-}
-
-/// Paces a loop at `rate` per second without drifting.
-struct Pacer {
-    start: Instant,
-    rate: f64,
-}
-
-impl Pacer {
-    async fn wait(&self, n: u64) {
-        if self.rate > 0.0 {
-            let due = self.start + Duration::from_secs_f64(n as f64 / self.rate);
-            tokio::time::sleep_until(due.into()).await;
-        }
-    }
-}
-
-async fn run_mqtt(url: &str, prefix: &str, qos: u8, fleet: &Fleet) -> Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let parsed = url::Url::parse(url)
-        .ok()
-        .filter(|u| u.scheme() == "mqtt" && u.host_str().is_some());
-    let Some(parsed) = parsed else {
-        bail!("--url {url}: not an MQTT URL such as mqtt://127.0.0.1:1883")
+fn setup(fleet: &FleetArgs, load: &LoadArgs) -> Result<Setup> {
+    let scenario = match &fleet.scenario {
+        Some(p) => Scenario::load(p).map_err(|e| anyhow!("--scenario {e}"))?,
+        None => Scenario::default(),
     };
-    let host = parsed.host_str().unwrap_or("127.0.0.1");
-    let mut opts = MqttOptions::new(
-        format!("edgecase-sim-{}", std::process::id()),
-        host,
-        parsed.port().unwrap_or(1883),
-    );
-    opts.set_keep_alive(Duration::from_secs(30)).set_inflight(1000);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    let qos = if qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-    let want = fleet.count;
-    // The event loop runs beside the producer; count PUBACKs so we exit only when the
-    // broker has every reading.
-    let acks = tokio::spawn(async move {
-        let mut acked = 0u64;
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    acked += 1;
-                    if want > 0 && acked >= want {
-                        return Ok(acked);
-                    }
-                }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
-                    acked += 1;
-                    if want > 0 && acked >= want {
-                        return Ok(acked);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => return Err(anyhow::anyhow!("MQTT connection failed: {e}")),
-            }
+    let seed = fleet.seed.or(scenario.seed).unwrap_or(1);
+    let devices: Vec<DeviceSpec> = if fleet.scenario.is_some() {
+        scenario.device_specs()
+    } else {
+        let defects = fleet
+            .defects
+            .iter()
+            .map(|d| parse_defect(d))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| anyhow!("--defect: {e}"))?;
+        edgecase_sim::scenario::cli_fleet(
+            fleet.devices,
+            fleet.device_id.as_deref(),
+            &fleet.sensors,
+            fleet.pattern.as_deref(),
+            Duration::from_secs(1),
+            &defects,
+        )
+        .map_err(|e| anyhow!(e))?
+    };
+    let mut bad = scenario.bad_input.clone();
+    for b in &load.bad_input {
+        bad.push(BadInputSpec::parse(b).map_err(|e| anyhow!("--bad-input {b}: {e}"))?);
+    }
+    let rate = match (load.rate, fleet.scenario.is_some()) {
+        (Some(r), _) => Some(r),
+        (None, true) => None,
+        (None, false) => Some(10.0),
+    };
+    let plan = Plan {
+        rate,
+        count: (load.count > 0).then_some(load.count),
+        duration: load.duration,
+    };
+    let report = Report::new(load.manifest.as_deref())
+        .with_context(|| format!("cannot write the manifest {:?}", load.manifest))?;
+    Ok(Setup {
+        fleet: Fleet::new(&devices, seed),
+        injector: Injector::new(bad, seed),
+        plan,
+        report,
+    })
+}
+
+/// `device=dev1,kind=stuck,at=20s` → (Some("dev1"), the defect).
+fn parse_defect(s: &str) -> Result<(Option<String>, DefectSpec), String> {
+    let mut device = None;
+    let mut pairs = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected key=value"))?;
+        if k == "device" {
+            device = Some(v.to_string());
+        } else {
+            pairs.push((k.to_string(), v.to_string()));
+        }
+    }
+    Ok((device, DefectSpec::parse_kv(&pairs)?))
+}
+
+fn stop_on_ctrl_c(rt: &tokio::runtime::Runtime) -> Stop {
+    let stop: Stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    rt.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            s.store(true, Ordering::Relaxed);
         }
     });
-    let mut values = Values { state: fleet.seed };
-    let pacer = Pacer {
-        start: Instant::now(),
-        rate: fleet.rate,
-    };
-    let mut n = 0;
-    eprintln!(
-        "edgecase-sim: publishing to {url} on {prefix}/<device>/<sensor> ({} devices, {:?})",
-        fleet.devices, fleet.sensors
-    );
-    while fleet.count == 0 || n < fleet.count {
-        pacer.wait(n).await;
-        let (device, sensor, obj) = reading(fleet, &mut values, n, None);
-        client
-            .publish(format!("{prefix}/{device}/{sensor}"), qos, false, obj.to_string())
-            .await?;
-        n += 1;
-        if acks.is_finished() {
-            break;
-        }
-    }
-    let acked = tokio::time::timeout(Duration::from_secs(30), acks)
-        .await
-        .context("the broker did not acknowledge every reading within 30 s")???;
-    eprintln!("edgecase-sim: {acked} readings acknowledged by the broker");
-    Ok(())
+    stop
 }
 
-fn run_serial(path: Option<&str>, pty: bool, baud_rate: u32, device_id: Option<&str>, fleet: &Fleet) -> Result<()> {
-    let (mut port, _keep): (Box<dyn Write>, Option<nix::pty::OpenptyResult>) = if pty {
-        let p = nix::pty::openpty(None, None).context("cannot create a pseudo-terminal")?;
-        let name = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&p.slave)))
-            .context("cannot find the pseudo-terminal's path")?;
-        println!("{}", name.display());
-        std::io::stdout().flush()?;
-        eprintln!(
-            "edgecase-sim: writing to pseudo-terminal {} (put it in a [[serial]] path)",
-            name.display()
-        );
-        let master = std::fs::File::from(p.master.try_clone().context("cannot duplicate the pty")?);
-        (Box::new(master), Some(p))
-    } else {
-        let Some(path) = path else {
-            bail!("give --path or --pty")
-        };
-        let port = serialport::new(path, baud_rate)
-            .timeout(Duration::from_secs(5))
-            .open()
-            .with_context(|| format!("cannot open serial port {path}"))?;
-        (Box::new(port), None)
+fn run(cli: Cli) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let stop = stop_on_ctrl_c(&rt);
+    let (s, quiet) = match &cli.output {
+        Output::Mqtt { fleet, load, .. } | Output::Serial { fleet, load, .. } => (setup(fleet, load)?, load.quiet),
     };
-    let mut values = Values { state: fleet.seed };
-    let start = Instant::now();
-    let mut n = 0;
-    while fleet.count == 0 || n < fleet.count {
-        if fleet.rate > 0.0 {
-            let due = start + Duration::from_secs_f64(n as f64 / fleet.rate);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-        }
-        let (_, _, obj) = reading(fleet, &mut values, n, device_id);
-        writeln!(port, "{obj}").context("serial write failed")?;
-        n += 1;
-    }
-    port.flush()?;
-    eprintln!("edgecase-sim: wrote {n} readings");
-    if pty {
-        // Give the reader time to drain the pty before it closes.
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    Ok(())
-}
-
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let result = match &cli.output {
+    let live_stop = Arc::new(AtomicBool::new(false));
+    let live = (!quiet).then(|| s.report.live(live_stop.clone()));
+    let result = match cli.output {
         Output::Mqtt {
             url,
+            topic,
             prefix,
             qos,
-            fleet,
-        } => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run_mqtt(url, prefix, *qos, fleet))),
+            bare,
+            ..
+        } => {
+            let topic = prefix.map(|p| format!("{p}/{{device}}/{{sensor}}")).unwrap_or(topic);
+            let mut target = MqttTarget::from_url(&url, &topic, qos).map_err(|e| anyhow!(e))?;
+            target.bare = bare;
+            eprintln!(
+                "edgecase-sim: publishing to {url} on {topic} ({} devices)",
+                s.fleet.len()
+            );
+            rt.block_on(edgecase_sim::mqtt::run(
+                &target, s.fleet, &s.plan, s.injector, &s.report, &stop,
+            ))
+            .map_err(|e| anyhow!(e))
+        }
         Output::Serial {
             path,
             pty,
             baud_rate,
-            device_id,
-            fleet,
-        } => run_serial(path.as_deref(), *pty, *baud_rate, device_id.as_deref(), fleet),
+            framing,
+            window,
+            ack_timeout,
+            state,
+            seq_start,
+            omit_device_id,
+            drain,
+            ..
+        } => {
+            let opts = SerialOptions {
+                framing,
+                window: usize::from(window),
+                ack_timeout,
+                ack_timeout_max: ack_timeout * 8,
+                state,
+                seq_start,
+                omit_device_id,
+                drain,
+            };
+            let (link, _pty) = if pty {
+                let p = Pty::create().context("cannot create a pseudo-terminal")?;
+                println!("{}", p.path.display());
+                std::io::stdout().flush()?;
+                eprintln!(
+                    "edgecase-sim: {} devices on pseudo-terminal {} ({}; put it in a [[serial]] path{})",
+                    s.fleet.len(),
+                    p.path.display(),
+                    if framing == Framing::Binary {
+                        "binary frames"
+                    } else {
+                        "JSON lines"
+                    },
+                    if framing == Framing::Binary {
+                        " with framing = \"binary\""
+                    } else {
+                        ""
+                    },
+                );
+                (Link::pty(&p)?, Some(p))
+            } else {
+                let p = path.unwrap_or_default();
+                (Link::device(&p, baud_rate)?, None)
+            };
+            let Setup {
+                fleet,
+                injector,
+                plan,
+                report,
+            } = s;
+            let r = report.clone();
+            let st = stop.clone();
+            let res = rt
+                .block_on(async {
+                    tokio::task::spawn_blocking(move || {
+                        edgecase_sim::serial::run(link, fleet, &plan, injector, &opts, &r, &st)
+                    })
+                    .await
+                })
+                .context("the serial output thread failed")?
+                .context("serial output");
+            if pty && framing == Framing::JsonLines {
+                // Give the reader time to drain the pty before it closes.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            let summary = report.finish();
+            live_stop.store(true, Ordering::Relaxed);
+            if let Some(l) = live {
+                let _ = l.join();
+            }
+            eprint!("{summary}");
+            return res;
+        }
     };
-    match result {
+    let summary = s.report.finish();
+    live_stop.store(true, Ordering::Relaxed);
+    if let Some(l) = live {
+        let _ = l.join();
+    }
+    eprint!("{summary}");
+    result
+}
+
+fn main() -> std::process::ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edgecase-sim: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fleet() -> Fleet {
-        Fleet {
-            devices: 2,
-            sensors: vec!["a".into(), "b".into()],
-            rate: 0.0,
-            count: 8,
-            seed: 7,
-        }
-    }
-
-    #[test]
-    fn same_seed_same_readings() {
-        let f = fleet();
-        let run = || {
-            let mut v = Values { state: f.seed };
-            (0..8).map(|n| reading(&f, &mut v, n, None)).collect::<Vec<_>>()
-        };
-        assert_eq!(run(), run());
-    }
-
-    #[test]
-    fn cycles_through_devices_and_sensors() {
-        let f = fleet();
-        let mut v = Values { state: 1 };
-        let names: Vec<(String, String)> = (0..4)
-            .map(|n| reading(&f, &mut v, n, None))
-            .map(|(d, s, _)| (d, s))
-            .collect();
-        assert_eq!(
-            names,
-            [("dev1", "a"), ("dev1", "b"), ("dev2", "a"), ("dev2", "b")].map(|(d, s)| (d.to_string(), s.to_string()))
-        );
     }
 }

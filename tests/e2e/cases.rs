@@ -39,7 +39,7 @@ async fn wait_cases(agent: &Agent, c: &Collector, want: &[(&str, &str, usize)]) 
     }
 }
 
-async fn bind_cases_queue(names: &Names) {
+pub(crate) async fn bind_cases_queue(names: &Names) {
     const T: Duration = Duration::from_secs(10);
     let conn = amqp_connect(T).await.expect("RabbitMQ");
     let ch = bounded("AMQP channel", T, conn.create_channel())

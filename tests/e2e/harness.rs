@@ -1018,6 +1018,11 @@ impl Pty {
         }
     }
 
+    /// Another handle on the master side: the device's end of the line.
+    pub fn master(&self) -> File {
+        self.master.try_clone().expect("duplicate the pty master")
+    }
+
     /// Writes `lines`, each followed by `\n`, from a blocking thread (the pty's buffer is
     /// small; writes wait for the agent to read).
     pub async fn write_lines(&self, lines: Vec<String>) -> Result<(), String> {

@@ -7,6 +7,7 @@
 
 mod harness;
 
+mod binary;
 mod broker_limits;
 mod cases;
 mod config;
@@ -14,5 +15,7 @@ mod crash;
 mod demo;
 mod mqtt;
 mod outage;
+mod python;
 mod rules;
 mod serial;
+mod sim;

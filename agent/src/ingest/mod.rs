@@ -3,6 +3,7 @@
 //! reading or as a dead letter. This module holds what they share: turning a payload into
 //! a buffer entry, and holding input while the buffer is full.
 
+pub mod binary;
 pub mod mqtt;
 pub mod serial;
 

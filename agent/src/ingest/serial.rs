@@ -1,4 +1,5 @@
-//! Serial ingest: newline-delimited JSON readings from any number of ports.
+//! Serial ingest: newline-delimited JSON readings (`framing = "json-lines"`) or the binary
+//! firmware protocol (`framing = "binary"`, see [`super::binary`]) from any number of ports.
 //!
 //! One task per port, so a port that fails never stops the others. A port that disappears
 //! (USB unplugged, device reset) is reopened with capped exponential backoff for as long as
@@ -7,10 +8,11 @@
 //! and kernel buffers hold the rest). A line that is too long or not a reading is
 //! dead-lettered with its raw bytes, and the port keeps reading.
 
+use super::binary::BinaryPort;
 use super::{Route, commit, to_entry};
 use crate::backoff::Backoff;
 use crate::buffer::{Buffer, Entry, NewDeadLetter};
-use crate::config::{Config, SerialPortConfig};
+use crate::config::{Config, SerialFraming, SerialPortConfig};
 use crate::metrics::{Metrics, PortLabel};
 use crate::reading::{Origin, now_ms};
 use std::sync::Arc;
@@ -122,6 +124,15 @@ impl SerialIngest {
         let label = PortLabel { port: path.clone() };
         let mut backoff = Backoff::new(self.port.reopen_min, self.port.reopen_max);
         let mut lost_since: Option<std::time::Instant> = None;
+        let mut binary = (self.port.framing == SerialFraming::Binary).then(|| {
+            BinaryPort::new(
+                path.clone(),
+                self.port.device_id.clone(),
+                self.gateway_id.clone(),
+                self.route.clone(),
+                self.metrics.clone(),
+            )
+        });
         while !cancel.is_cancelled() {
             let opened = tokio_serial::new(&path, self.port.baud_rate).open_native_async();
             let mut stream = match opened {
@@ -144,32 +155,9 @@ impl SerialIngest {
             }
             self.metrics.serial_port_open.get_or_create(&label).set(1);
             backoff.reset();
-            let mut splitter = LineSplitter::new(self.port.max_line_bytes);
-            let mut buf = vec![0u8; 4096];
-            let reason = loop {
-                let n = tokio::select! {
-                    _ = cancel.cancelled() => break None,
-                    r = stream.read(&mut buf) => r,
-                };
-                let n = match n {
-                    Ok(0) => break Some("end of stream".to_string()),
-                    Ok(n) => n,
-                    Err(e) => break Some(e.to_string()),
-                };
-                let entries: Vec<Entry> = splitter
-                    .push(&buf[..n])
-                    .into_iter()
-                    .map(|l| self.entry_for(l, &path))
-                    .collect();
-                if entries.is_empty() {
-                    continue;
-                }
-                let readings = entries.iter().filter(|e| e.is_record()).count() as u64;
-                if commit(&self.buffer, entries, &cancel, "serial").await.is_none() {
-                    break None;
-                }
-                self.metrics.accepted("serial", readings);
-                self.metrics.made_progress();
+            let reason = match binary.as_mut() {
+                Some(b) => b.session(&mut stream, &self.buffer, &cancel).await,
+                None => self.json_lines(&mut stream, &cancel, &path).await,
             };
             self.metrics.serial_port_open.get_or_create(&label).set(0);
             match reason {
@@ -187,6 +175,40 @@ impl SerialIngest {
             }
         }
         tracing::info!("serial ingest stopped");
+    }
+
+    /// Newline-delimited JSON until the port fails (`Some(reason)`) or the agent stops.
+    async fn json_lines(
+        &self,
+        stream: &mut tokio_serial::SerialStream,
+        cancel: &CancellationToken,
+        path: &str,
+    ) -> Option<String> {
+        let mut splitter = LineSplitter::new(self.port.max_line_bytes);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                r = stream.read(&mut buf) => r,
+            };
+            let n = match n {
+                Ok(0) => return Some("end of stream".to_string()),
+                Ok(n) => n,
+                Err(e) => return Some(e.to_string()),
+            };
+            let entries: Vec<Entry> = splitter
+                .push(&buf[..n])
+                .into_iter()
+                .map(|l| self.entry_for(l, path))
+                .collect();
+            if entries.is_empty() {
+                continue;
+            }
+            let readings = entries.iter().filter(|e| e.is_record()).count() as u64;
+            commit(&self.buffer, entries, cancel, "serial").await?;
+            self.metrics.accepted("serial", readings);
+            self.metrics.made_progress();
+        }
     }
 
     fn entry_for(&self, line: Line, path: &str) -> Entry {
