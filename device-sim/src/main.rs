@@ -13,12 +13,17 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+mod salesforce;
+
 #[derive(Debug, Parser)]
 #[command(name = "edgecase-sim", version, max_term_width = 100)]
-#[command(about = "Simulated sensor devices: publish readings over MQTT or write them to a serial port")]
+#[command(
+    about = "Simulated peers for Edgecase: sensor devices over MQTT or a serial port, and a local Salesforce org"
+)]
 #[command(after_help = "Examples:\n  \
     edgecase-sim mqtt --devices 5 --rate 50 --count 1000\n  \
-    edgecase-sim serial --pty --device-id boiler-1 --rate 2")]
+    edgecase-sim serial --pty --device-id boiler-1 --rate 2\n  \
+    edgecase-sim salesforce --port 8080 --latency 50ms")]
 struct Cli {
     #[command(subcommand)]
     output: Output,
@@ -26,6 +31,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Output {
+    /// Run a local Salesforce org (OAuth, Case REST API, SOQL) for the Salesforce connector.
+    Salesforce(salesforce::SalesforceArgs),
     /// Publish JSON readings to an MQTT broker.
     Mqtt {
         /// Broker URL (mqtt://host:port).
@@ -271,6 +278,7 @@ fn main() -> std::process::ExitCode {
             device_id,
             fleet,
         } => run_serial(path.as_deref(), *pty, *baud_rate, device_id.as_deref(), fleet),
+        Output::Salesforce(args) => salesforce::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
