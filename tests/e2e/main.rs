@@ -15,4 +15,5 @@ mod demo;
 mod mqtt;
 mod outage;
 mod rules;
+mod salesforce;
 mod serial;
