@@ -131,6 +131,11 @@ impl Emulator {
         &self.base_url
     }
 
+    /// How many Cases the org holds.
+    pub fn case_count(&self) -> usize {
+        self.org.count("Case")
+    }
+
     /// Every Case, in creation order.
     pub fn cases(&self) -> Vec<serde_json::Map<String, serde_json::Value>> {
         self.org.records("Case")

@@ -328,6 +328,8 @@ struct Table {
     schema: ObjectSchema,
     records: Vec<Map<String, Value>>,
     by_id: HashMap<String, usize>,
+    /// External id field → value → record index (external ids are unique here).
+    ext: HashMap<String, HashMap<String, usize>>,
 }
 
 /// Counts of what the emulator served, for tests and benchmarks.
@@ -407,6 +409,7 @@ impl Org {
                 schema,
                 records: Vec::new(),
                 by_id: HashMap::new(),
+                ext: HashMap::new(),
             },
         );
         let (changes, _) = broadcast::channel(4096);
@@ -447,6 +450,7 @@ impl Org {
                 schema,
                 records: Vec::new(),
                 by_id: HashMap::new(),
+                ext: HashMap::new(),
             },
         );
     }
@@ -602,16 +606,21 @@ impl Org {
         let g = self.lock();
         let t = table(&g, object)?;
         let f = external_field(t, field)?;
-        let hits: Vec<&Map<String, Value>> = t
-            .records
-            .iter()
-            .filter(|r| r.get(&f).and_then(Value::as_str) == Some(value))
-            .collect();
-        match hits.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => Err(ApiError::not_found()),
-            _ => Err(ApiError::new(300, "MULTIPLE_CHOICES", "more than one record matches")),
+        let hit = if f == "Id" {
+            t.by_id.get(&normalize_id(value))
+        } else {
+            t.ext.get(&f).and_then(|m| m.get(value))
+        };
+        match hit {
+            Some(&i) => Ok(t.records[i].clone()),
+            None => Err(ApiError::not_found()),
         }
+    }
+
+    /// How many records of `object` there are.
+    pub fn count(&self, object: &str) -> usize {
+        let g = self.lock();
+        table(&g, object).map_or(0, |t| t.records.len())
     }
 
     /// Creates a record; returns its id.
@@ -644,7 +653,7 @@ impl Org {
             let id = normalize_id(id);
             let idx = *t.by_id.get(&id).ok_or_else(ApiError::not_found)?;
             let record = t.records.remove(idx);
-            t.by_id = index(&t.records);
+            reindex(t);
             ChangeEvent {
                 object: t.schema.name.clone(),
                 kind: ChangeKind::Deleted,
@@ -740,8 +749,8 @@ impl Org {
             {
                 for (k, records) in snapshot {
                     if let Some(t) = g.tables.get_mut(&k) {
-                        t.by_id = index(&records);
                         t.records = records;
+                        reindex(t);
                     }
                 }
                 events.clear();
@@ -881,21 +890,12 @@ fn write_locked(
             Write::Update(id) => (Some(*t.by_id.get(id).ok_or_else(ApiError::not_found)?), None),
             Write::Upsert(field, value) => {
                 let f = external_field(t, field)?;
-                let hits: Vec<usize> = t
-                    .records
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.get(&f).and_then(Value::as_str) == Some(value.as_str()))
-                    .map(|(i, _)| i)
-                    .collect();
-                if hits.len() > 1 {
-                    return Err(ApiError::new(
-                        300,
-                        "MULTIPLE_CHOICES",
-                        format!("more than one record found for external id field {f}: {value}"),
-                    ));
-                }
-                (hits.first().copied(), Some((f, value.clone())))
+                let hit = if f == "Id" {
+                    t.by_id.get(&normalize_id(value)).copied()
+                } else {
+                    t.ext.get(&f).and_then(|m| m.get(value.as_str())).copied()
+                };
+                (hit, Some((f, value.clone())))
             }
         };
         let creating = existing.is_none();
@@ -948,11 +948,10 @@ fn write_locked(
         // Unique external ids: another record with the same value is a duplicate.
         for f in t.schema.fields.iter().filter(|f| f.external_id) {
             if let Some(v) = record.get(&f.name).and_then(Value::as_str) {
-                let own = record.get("Id").and_then(Value::as_str);
-                if let Some(other) = t.records.iter().find(|r| {
-                    r.get(&f.name).and_then(Value::as_str) == Some(v) && r.get("Id").and_then(Value::as_str) != own
-                }) {
-                    let other_id = other.get("Id").and_then(Value::as_str).unwrap_or_default();
+                if let Some(&other) = t.ext.get(&f.name).and_then(|m| m.get(v))
+                    && Some(other) != existing
+                {
+                    let other_id = t.records[other].get("Id").and_then(Value::as_str).unwrap_or_default();
                     return Err(ApiError::new(
                         400,
                         "DUPLICATE_VALUE",
@@ -1028,11 +1027,27 @@ fn write_locked(
             }
         }
         let id = record.get("Id").and_then(Value::as_str).unwrap_or_default().to_string();
-        match existing {
-            Some(i) => t.records[i] = record.clone(),
+        let idx = match existing {
+            Some(i) => {
+                for f in t.schema.fields.iter().filter(|f| f.external_id) {
+                    if let Some(old) = t.records[i].get(&f.name).and_then(Value::as_str)
+                        && let Some(m) = t.ext.get_mut(&f.name)
+                    {
+                        m.remove(old);
+                    }
+                }
+                t.records[i] = record.clone();
+                i
+            }
             None => {
                 t.by_id.insert(id.clone(), t.records.len());
                 t.records.push(record.clone());
+                t.records.len() - 1
+            }
+        };
+        for f in t.schema.fields.iter().filter(|f| f.external_id) {
+            if let Some(v) = record.get(&f.name).and_then(Value::as_str) {
+                t.ext.entry(f.name.clone()).or_default().insert(v.to_string(), idx);
             }
         }
         let event = ChangeEvent {
@@ -1058,12 +1073,23 @@ fn table_mut<'a>(tables: &'a mut HashMap<String, Table>, object: &str) -> Result
     tables.get_mut(&object.to_lowercase()).ok_or_else(ApiError::not_found)
 }
 
-fn index(records: &[Map<String, Value>]) -> HashMap<String, usize> {
-    records
+/// Rebuilds the id and external id indexes after rows moved (delete, rollback).
+fn reindex(t: &mut Table) {
+    t.by_id = t
+        .records
         .iter()
         .enumerate()
         .filter_map(|(i, r)| r.get("Id").and_then(Value::as_str).map(|id| (id.to_string(), i)))
-        .collect()
+        .collect();
+    t.ext.clear();
+    for f in t.schema.fields.iter().filter(|f| f.external_id) {
+        let m = t.ext.entry(f.name.clone()).or_default();
+        for (i, r) in t.records.iter().enumerate() {
+            if let Some(v) = r.get(&f.name).and_then(Value::as_str) {
+                m.insert(v.to_string(), i);
+            }
+        }
+    }
 }
 
 /// The external id field named `field` (canonical spelling), or 404 as Salesforce answers
