@@ -947,20 +947,19 @@ fn write_locked(
         }
         // Unique external ids: another record with the same value is a duplicate.
         for f in t.schema.fields.iter().filter(|f| f.external_id) {
-            if let Some(v) = record.get(&f.name).and_then(Value::as_str) {
-                if let Some(&other) = t.ext.get(&f.name).and_then(|m| m.get(v))
-                    && Some(other) != existing
-                {
-                    let other_id = t.records[other].get("Id").and_then(Value::as_str).unwrap_or_default();
-                    return Err(ApiError::new(
-                        400,
-                        "DUPLICATE_VALUE",
-                        format!(
-                            "duplicate value found: {} duplicates value on record with id: {other_id}",
-                            f.name
-                        ),
-                    ));
-                }
+            if let Some(v) = record.get(&f.name).and_then(Value::as_str)
+                && let Some(&other) = t.ext.get(&f.name).and_then(|m| m.get(v))
+                && Some(other) != existing
+            {
+                let other_id = t.records[other].get("Id").and_then(Value::as_str).unwrap_or_default();
+                return Err(ApiError::new(
+                    400,
+                    "DUPLICATE_VALUE",
+                    format!(
+                        "duplicate value found: {} duplicates value on record with id: {other_id}",
+                        f.name
+                    ),
+                ));
             }
         }
         if t.schema.name == "Case" {
