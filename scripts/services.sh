@@ -34,3 +34,4 @@ wait_for 5672 RabbitMQ
 # The port opens before the broker accepts logins; wait for the app itself.
 rabbitmqctl await_startup >/dev/null 2>&1 || rabbitmqctl start_app >/dev/null
 echo "services: Mosquitto 127.0.0.1:1883 and RabbitMQ 127.0.0.1:5672 are up"
+"$(dirname "$0")/salesforce-clients.sh"

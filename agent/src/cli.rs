@@ -9,6 +9,8 @@ use edgecase::ingest::{Route, record};
 use edgecase::reading::{Origin, Reading, format_ms, now_ms};
 use std::path::{Path, PathBuf};
 
+mod salesforce;
+
 /// Edge gateway agent: reads sensor readings from MQTT and serial ports, keeps each one in
 /// a crash-safe SQLite buffer until RabbitMQ has confirmed it, and publishes them over AMQP.
 #[derive(Debug, Parser)]
@@ -40,6 +42,16 @@ pub enum Command {
     /// RabbitMQ. Live counts while it runs, a summary at the end; Ctrl-C stops it.
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
+    /// Broker-side connectors: consume the cases on RabbitMQ and write them elsewhere.
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectorCommand {
+    /// Create (upsert) Salesforce Cases from the cases on RabbitMQ; `-i config.json` in the
+    /// seed's shape (tenant + divisions).
+    Salesforce(salesforce::SalesforceArgs),
 }
 
 #[cfg(feature = "demo")]
@@ -154,6 +166,7 @@ impl Cli {
             Command::Buffer(cmd) => buffer(cmd),
             #[cfg(feature = "demo")]
             Command::Demo(args) => demo(args).await,
+            Command::Connector(ConnectorCommand::Salesforce(args)) => salesforce::run(args).await,
             Command::Rules(RulesCommand::Test {
                 config,
                 input,
@@ -190,7 +203,27 @@ async fn run(args: RunArgs) -> Result<()> {
     let agent = Agent::start(&config, data_dir)
         .await
         .context("cannot start the agent")?;
+    // The [salesforce] section runs the Salesforce connector in the same process, its
+    // metrics on the same admin port.
+    let salesforce = match &config.salesforce {
+        Some(sf) => {
+            let resolved = sf
+                .resolve("salesforce", &config.amqp)
+                .map_err(|p| anyhow::anyhow!("invalid [salesforce] section: {}", p.join("; ")))?;
+            match edgecase::connectors::salesforce::start(resolved, agent.metrics.clone()).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    agent.shutdown().await;
+                    return Err(e).context("cannot start the Salesforce connector");
+                }
+            }
+        }
+        None => None,
+    };
     shutdown_signal().await;
+    if let Some(c) = salesforce {
+        c.shutdown().await;
+    }
     agent.shutdown().await;
     Ok(())
 }

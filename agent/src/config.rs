@@ -56,6 +56,9 @@ pub struct Config {
     /// Defect rules, one `[[rules]]` table each.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<crate::rules::RuleConfig>,
+    /// The Salesforce Case connector (`tenant` + `divisions`), run beside the agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub salesforce: Option<crate::connectors::salesforce::config::SalesforceConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -482,6 +485,11 @@ impl Config {
             check_backoff(&mut p, "amqp", a.reconnect_min, a.reconnect_max);
         }
         if let Err(problems) = crate::rules::RuleSet::new(&self.rules) {
+            p.extend(problems);
+        }
+        if let Some(sf) = &self.salesforce
+            && let Err(problems) = sf.resolve("salesforce", &self.amqp)
+        {
             p.extend(problems);
         }
         if self.admin.enabled && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {

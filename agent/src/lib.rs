@@ -17,6 +17,7 @@
 //! - [`admin`]: `/metrics` and `/healthz`.
 //! - [`rules`]: defect rules, readings in, case events out (pure).
 //! - [`agent`]: wires the stages, owns shutdown.
+//! - [`connectors`]: broker-side consumers (the Salesforce Case connector).
 //! - `demo` (feature `demo`): the whole path on one machine with an embedded broker.
 //!
 //! Errors: each library module has its own `thiserror` enum whose variants say whether to
@@ -27,6 +28,7 @@ pub mod agent;
 pub mod backoff;
 pub mod buffer;
 pub mod config;
+pub mod connectors;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod ingest;

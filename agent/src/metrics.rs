@@ -75,6 +75,8 @@ pub struct Metrics {
     pub publish_latency_seconds: Histogram,
     /// Bumped by every stage loop that made progress; the watchdog reads it.
     pub progress: Gauge<u64, AtomicU64>,
+    /// The Salesforce connector's series (`edgecase_salesforce_*`).
+    pub salesforce: crate::connectors::salesforce::metrics::SalesforceMetrics,
 }
 
 impl Metrics {
@@ -106,6 +108,7 @@ impl Metrics {
             amqp_connected: Gauge::default(),
             publish_latency_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             progress: Gauge::default(),
+            salesforce: Default::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -229,6 +232,7 @@ impl Metrics {
             "Time from buffer commit to broker confirm",
             m.publish_latency_seconds.clone(),
         );
+        m.salesforce.register(r);
         Metrics { registry, ..m }
     }
 

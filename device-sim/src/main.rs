@@ -21,9 +21,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+mod salesforce;
+
 #[derive(Debug, Parser)]
 #[command(name = "edgecase-sim", version, max_term_width = 100)]
-#[command(about = "Simulated sensor devices: a fleet with patterns, defects and bad input, over MQTT or a serial line")]
+#[command(
+    about = "Simulated peers for Edgecase: a fleet of sensor devices with patterns, defects and bad input, over MQTT or a serial line; and a local Salesforce org"
+)]
 #[command(after_help = "Examples:\n  \
     edgecase-sim mqtt --devices 5 --rate 50 --count 1000\n  \
     edgecase-sim serial --pty --device-id boiler-1 --rate 2\n  \
@@ -31,7 +35,8 @@ use std::time::Duration;
     edgecase-sim serial --pty --framing binary --bad-input crc,p=0.02 --bad-input duplicate,p=0.01\n  \
     edgecase-sim mqtt --devices 2 --defect device=dev1,kind=stuck,at=20s --defect kind=spike,p=0.01\n  \
     edgecase-sim mqtt --scenario examples/sim/site.toml --duration 5m --manifest sent.jsonl\n  \
-    edgecase-sim serial --pty --framing binary --rate 0 --count 100000 --manifest sent.jsonl   (load)")]
+    edgecase-sim serial --pty --framing binary --rate 0 --count 100000 --manifest sent.jsonl   (load)\n  \
+    edgecase-sim salesforce --port 8080 --latency 50ms")]
 struct Cli {
     #[command(subcommand)]
     output: Output,
@@ -39,6 +44,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Output {
+    /// Run a local Salesforce org (OAuth, Case REST API, SOQL) for the Salesforce connector.
+    Salesforce(salesforce::SalesforceArgs),
     /// Publish JSON readings to an MQTT broker.
     Mqtt {
         /// Broker URL (mqtt://host:port).
@@ -246,6 +253,7 @@ fn run(cli: Cli) -> Result<()> {
     let stop = stop_on_ctrl_c(&rt);
     let (s, quiet) = match &cli.output {
         Output::Mqtt { fleet, load, .. } | Output::Serial { fleet, load, .. } => (setup(fleet, load)?, load.quiet),
+        Output::Salesforce(args) => return salesforce::run(args),
     };
     let live_stop = Arc::new(AtomicBool::new(false));
     let live = (!quiet).then(|| s.report.live(live_stop.clone()));
@@ -270,6 +278,7 @@ fn run(cli: Cli) -> Result<()> {
             ))
             .map_err(|e| anyhow!(e))
         }
+        Output::Salesforce(args) => salesforce::run(&args),
         Output::Serial {
             path,
             pty,

@@ -17,5 +17,6 @@ mod mqtt;
 mod outage;
 mod python;
 mod rules;
+mod salesforce;
 mod serial;
 mod sim;

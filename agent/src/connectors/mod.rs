@@ -1,0 +1,3 @@
+//! Broker-side connectors: they consume what the agents publish and write it elsewhere.
+
+pub mod salesforce;

@@ -1,0 +1,151 @@
+//! A local Salesforce org for tests and demos, faithful to the wire facts in the project's
+//! `salesforce-api.md`: the OAuth 2.0 token endpoint (username-password and JWT bearer
+//! grants, with real checks of credentials, signature, issuer, audience and expiry), the
+//! REST API for Cases (create, read, update, delete, upsert on an external id, sObject
+//! Collections), a documented SOQL subset with paging, Salesforce's error bodies and status
+//! codes, and the `Sforce-Limit-Info` header. Tests steer it: latency, session lifetime,
+//! daily API allowance, required fields, validation rules and injected failures (rate
+//! limit, 503, 500, row locks, expired sessions, stalls). Its state can be inspected.
+//!
+//! - [`org`]: the state and the rules of the org (pure, no I/O).
+//! - [`http`]: Salesforce's URLs and bodies on top of it (axum).
+//! - [`soql`]: the query subset.
+//! - [`ids`]: 15/18-character record ids.
+//!
+//! Start it in-process with [`Emulator::start`], or as `edgecase-sim salesforce`.
+//! [`org::Org::subscribe_changes`] delivers every record change, for a Streaming API.
+
+pub mod http;
+pub mod ids;
+pub mod org;
+pub mod soql;
+
+use org::{Org, OrgSetup, Settings};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// What the emulated org knows at start.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// Connected apps: consumer key, consumer secret, and the PEM public key of the
+    /// certificate used for the JWT bearer grant (if any).
+    pub apps: Vec<(String, String, Option<String>)>,
+    /// Users: username, password, security token.
+    pub users: Vec<(String, String, String)>,
+    /// Accepted JWT audiences besides the emulator's own URL.
+    pub audiences: Vec<String>,
+    /// Unique external id text fields on Case.
+    pub external_id_fields: Vec<String>,
+    /// Other custom text fields on Case.
+    pub custom_fields: Vec<String>,
+    pub settings: Settings,
+}
+
+impl Default for EmulatorConfig {
+    /// One app (`edgecase-client-id` / `edgecase-client-secret`, JWT with the test key of
+    /// `testdata/`), one user (`integration@edgecase.example` / `password` + token
+    /// `TOKEN`), external id `Edge_Event_Id__c`, custom fields `Device__c`, `Sensor__c`,
+    /// `Reading__c`, `Rule__c`, `Gateway__c`.
+    fn default() -> Self {
+        EmulatorConfig {
+            apps: vec![(
+                "edgecase-client-id".into(),
+                "edgecase-client-secret".into(),
+                Some(TEST_JWT_PUBLIC_KEY.into()),
+            )],
+            users: vec![("integration@edgecase.example".into(), "password".into(), "TOKEN".into())],
+            audiences: vec![
+                "https://login.salesforce.com".into(),
+                "https://test.salesforce.com".into(),
+            ],
+            external_id_fields: vec!["Edge_Event_Id__c".into()],
+            custom_fields: ["Device__c", "Sensor__c", "Reading__c", "Rule__c", "Gateway__c"]
+                .map(String::from)
+                .to_vec(),
+            settings: Settings::default(),
+        }
+    }
+}
+
+/// The public key the default connected app trusts for JWT bearer assertions.
+pub const TEST_JWT_PUBLIC_KEY: &str = include_str!("../testdata/jwt-test-key.pub.pem");
+/// Its private key: for tests and the demo only.
+pub const TEST_JWT_PRIVATE_KEY: &str = include_str!("../testdata/jwt-test-key.pem");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Stop: the port cannot be bound.
+    #[error("Salesforce emulator: cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running emulator; dropping it stops the server.
+pub struct Emulator {
+    pub org: Arc<Org>,
+    pub addr: SocketAddr,
+    base_url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Emulator {
+    /// Binds `addr` (port 0 picks a free one) and serves on the current tokio runtime.
+    pub async fn start(config: EmulatorConfig, addr: SocketAddr) -> Result<Emulator, Error> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        let base_url = format!("http://{addr}");
+        let mut audiences = config.audiences;
+        audiences.push(base_url.clone());
+        let org = Arc::new(Org::new(OrgSetup {
+            apps: config.apps,
+            users: config.users,
+            audiences,
+            external_id_fields: config.external_id_fields,
+            custom_fields: config.custom_fields,
+            settings: config.settings,
+        }));
+        let app = http::router(Arc::new(http::AppState {
+            org: org.clone(),
+            base_url: base_url.clone(),
+        }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::warn!(error = %e, "Salesforce emulator stopped");
+            }
+        });
+        Ok(Emulator {
+            org,
+            addr,
+            base_url,
+            stop: Some(stop),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`: the login URL and the instance URL.
+    pub fn url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// How many Cases the org holds.
+    pub fn case_count(&self) -> usize {
+        self.org.count("Case")
+    }
+
+    /// Every Case, in creation order.
+    pub fn cases(&self) -> Vec<serde_json::Map<String, serde_json::Value>> {
+        self.org.records("Case")
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the third-party Salesforce clients the emulator's faithfulness test drives:
+# Python's simple-salesforce (PyPI). Idempotent and quick when already installed.
+set -euo pipefail
+
+if ! command -v python3 >/dev/null 2>&1; then
+  [ "$(id -u)" = 0 ] || { echo "salesforce-clients: python3 is missing; run as root to install it" >&2; exit 1; }
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-pip >/dev/null
+fi
+if ! python3 -c "import simple_salesforce, jwt, cryptography" >/dev/null 2>&1; then
+  echo "salesforce-clients: installing simple-salesforce (PyPI)"
+  # Debian's own python3 refuses global installs without --break-system-packages (PEP 668).
+  python3 -m pip install -q --disable-pip-version-check simple-salesforce 2>/dev/null \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages simple-salesforce
+fi
+python3 -c "import simple_salesforce" >/dev/null
