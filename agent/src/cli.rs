@@ -40,7 +40,30 @@ pub enum Command {
     /// RabbitMQ. Live counts while it runs, a summary at the end; Ctrl-C stops it.
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
+    /// Connectors between RabbitMQ and the systems behind it.
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
 }
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectorCommand {
+    /// The SQL database connector (PostgreSQL, MySQL/MariaDB, SQLite; ODBC in builds with
+    /// the `odbc` feature): select-and-send, get-and-write, subscribe-and-write.
+    #[command(subcommand)]
+    Db(edgecase::connectors::db::cli::DbCommand),
+}
+
+/// Ends the process with this status, after the command printed its own message.
+#[derive(Debug)]
+pub struct Exit(pub u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 #[cfg(feature = "demo")]
 #[derive(Debug, Args)]
@@ -154,6 +177,7 @@ impl Cli {
             Command::Buffer(cmd) => buffer(cmd),
             #[cfg(feature = "demo")]
             Command::Demo(args) => demo(args).await,
+            Command::Connector(ConnectorCommand::Db(cmd)) => connector_db(cmd).await,
             Command::Rules(RulesCommand::Test {
                 config,
                 input,
@@ -229,6 +253,21 @@ async fn demo(args: DemoArgs) -> Result<()> {
         println!("  case: {subject}");
     }
     Ok(())
+}
+
+/// Prints the outcome (success and empty on stdout, failure on stderr) and exits with its
+/// status: 0, 3 or 1.
+async fn connector_db(cmd: edgecase::connectors::db::cli::DbCommand) -> Result<()> {
+    use edgecase::connectors::db::Outcome;
+    let outcome = cmd.run(init_logging).await;
+    match &outcome {
+        Outcome::Failure(_) => eprintln!("edgecase: {outcome}"),
+        _ => println!("{outcome}"),
+    }
+    match outcome.exit_code() {
+        0 => Ok(()),
+        code => Err(Exit(code).into()),
+    }
 }
 
 fn check(args: ConfigArgs) -> Result<()> {

@@ -17,6 +17,8 @@
 //! - [`admin`]: `/metrics` and `/healthz`.
 //! - [`rules`]: defect rules, readings in, case events out (pure).
 //! - [`agent`]: wires the stages, owns shutdown.
+//! - [`connectors`]: beside the data path, `edgecase connector ...`: [`connectors::db`]
+//!   moves messages between the broker and an SQL database.
 //! - `demo` (feature `demo`): the whole path on one machine with an embedded broker.
 //!
 //! Errors: each library module has its own `thiserror` enum whose variants say whether to
@@ -27,6 +29,7 @@ pub mod agent;
 pub mod backoff;
 pub mod buffer;
 pub mod config;
+pub mod connectors;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod ingest;

@@ -1,0 +1,15 @@
+//! Connectors between the broker and the systems behind it: each runs beside the agent in
+//! the same binary (`edgecase connector ...`) and as a library call.
+
+pub mod db;
+
+use serde::{Deserialize, Serialize};
+
+/// The `[connector]` section of the main config: one table per connector.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectorConfig {
+    /// The SQL database connector (`[connector.db]`); see `docs/db-connector.md`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db: Option<db::DbConnectorConfig>,
+}
