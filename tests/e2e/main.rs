@@ -11,6 +11,7 @@ mod broker_limits;
 mod cases;
 mod config;
 mod crash;
+mod db;
 mod demo;
 mod mqtt;
 mod outage;

@@ -131,7 +131,9 @@ impl Session {
                         FieldTable::default(),
                     )
                     .await
-                    .map_err(|e| BrokerError::Topology(format!("cannot bind queue {queue} to {exchange} ({key}): {e}")))?;
+                    .map_err(|e| {
+                        BrokerError::Topology(format!("cannot bind queue {queue} to {exchange} ({key}): {e}"))
+                    })?;
             }
         }
         Ok(())
@@ -145,7 +147,8 @@ impl Session {
         let d = &cfg.dead_letter;
         self.ensure_exchange(&d.exchange, "topic").await?;
         if let Some(q) = d.queue_for(&s.queue) {
-            self.ensure_queue(&q, &d.exchange, &[d.routing_key_for(&s.queue)]).await?;
+            self.ensure_queue(&q, &d.exchange, &[d.routing_key_for(&s.queue)])
+                .await?;
         }
         Ok(())
     }

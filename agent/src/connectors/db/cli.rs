@@ -78,12 +78,23 @@ impl DbCommand {
             Ok(l) => l,
             Err(e) => return Outcome::Failure(e.to_string()),
         };
-        init_logging(&config);
+        // A missing exchange or queue is found with a passive declare, which closes its
+        // probe channel with 404; lapin logs that at error level. The connector reports
+        // real failures itself, so those lines are left out unless asked for.
+        let mut log_config = config.clone();
+        if !log_config.log.level.contains("lapin") {
+            log_config.log.level.push_str(",lapin::channel=off");
+        }
+        init_logging(&log_config);
         if let Err(problems) = db.validate_for(self.operation(), &prefix) {
             return Outcome::Failure(format!(
                 "{}: invalid configuration:\n{}",
                 common.config.display(),
-                problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n")
+                problems
+                    .iter()
+                    .map(|p| format!("  - {p}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             ));
         }
         let data_dir = config.data_dir(common.data_dir.as_deref());

@@ -259,11 +259,20 @@ impl DbConnectorConfig {
     pub fn validate(&self, prefix: &str, p: &mut Vec<String>) {
         let d = &self.database;
         let url = d.url.expose();
-        let scheme_ok = ["postgres://", "postgresql://", "mysql://", "mariadb://", "sqlite:", "odbc:"]
-            .iter()
-            .any(|s| url.starts_with(s));
+        let scheme_ok = [
+            "postgres://",
+            "postgresql://",
+            "mysql://",
+            "mariadb://",
+            "sqlite:",
+            "odbc:",
+        ]
+        .iter()
+        .any(|s| url.starts_with(s));
         if url.is_empty() {
-            p.push(format!("{prefix}.database.url: required, e.g. postgres://user@127.0.0.1/db or sqlite:data.db"));
+            p.push(format!(
+                "{prefix}.database.url: required, e.g. postgres://user@127.0.0.1/db or sqlite:data.db"
+            ));
         } else if !scheme_ok {
             p.push(format!(
                 "{prefix}.database.url: {:?} is not a postgres://, mysql://, sqlite: or odbc: URL",
@@ -275,10 +284,15 @@ impl DbConnectorConfig {
             ));
         }
         if d.password.is_some() && d.password_file.is_some() {
-            p.push(format!("{prefix}.database.password_file: set either password or password_file, not both"));
+            p.push(format!(
+                "{prefix}.database.password_file: set either password or password_file, not both"
+            ));
         }
         if let Some(f) = d.password_file.as_ref().filter(|f| !f.is_file()) {
-            p.push(format!("{prefix}.database.password_file: {} is not a readable file", f.display()));
+            p.push(format!(
+                "{prefix}.database.password_file: {} is not a readable file",
+                f.display()
+            ));
         }
         if d.tracking_column.is_some() && d.query.is_none() {
             p.push(format!("{prefix}.database.tracking_column: needs database.query"));
@@ -287,7 +301,9 @@ impl DbConnectorConfig {
             p.push(format!("{prefix}.database.max_rows: must be greater than 0"));
         }
         if !d.statements.is_empty() && d.table.is_some() {
-            p.push(format!("{prefix}.database.table: set either statements or table, not both"));
+            p.push(format!(
+                "{prefix}.database.table: set either statements or table, not both"
+            ));
         }
         if d.table.is_some() && d.columns.is_empty() {
             p.push(format!("{prefix}.database.columns: database.table needs its columns"));
@@ -298,10 +314,14 @@ impl DbConnectorConfig {
             }
         }
         if d.key.is_empty() {
-            p.push(format!("{prefix}.database.key: must not be empty (default _message_id)"));
+            p.push(format!(
+                "{prefix}.database.key: must not be empty (default _message_id)"
+            ));
         }
         if d.retry_min.is_zero() || d.retry_max < d.retry_min {
-            p.push(format!("{prefix}.database.retry_min/retry_max: want 0 < retry_min <= retry_max"));
+            p.push(format!(
+                "{prefix}.database.retry_min/retry_max: want 0 < retry_min <= retry_max"
+            ));
         }
         let b = &self.broker;
         if let Some(u) = &b.url
@@ -314,7 +334,9 @@ impl DbConnectorConfig {
             ("destination.exchange_type", &b.destination.exchange_type),
         ] {
             if !matches!(t.as_str(), "topic" | "direct" | "fanout" | "headers") {
-                p.push(format!("{prefix}.broker.{key}: {t:?} is not topic, direct, fanout or headers"));
+                p.push(format!(
+                    "{prefix}.broker.{key}: {t:?} is not topic, direct, fanout or headers"
+                ));
             }
         }
         if b.batch_size == 0 {
@@ -339,7 +361,9 @@ impl DbConnectorConfig {
                     p.push(format!("{prefix}.database.query: select-and-send needs the read query"));
                 }
                 if self.broker.destination.exchange.is_empty() {
-                    p.push(format!("{prefix}.broker.destination.exchange: select-and-send needs the exchange to publish to"));
+                    p.push(format!(
+                        "{prefix}.broker.destination.exchange: select-and-send needs the exchange to publish to"
+                    ));
                 }
             }
             Operation::GetAndWrite | Operation::SubscribeAndWrite => {
@@ -425,7 +449,11 @@ pub fn load(path: &Path) -> Result<Loaded, crate::config::Error> {
     Ok(Loaded {
         config,
         db,
-        prefix: if standalone { String::new() } else { "connector.db".into() },
+        prefix: if standalone {
+            String::new()
+        } else {
+            "connector.db".into()
+        },
     })
 }
 
@@ -478,9 +506,13 @@ mod tests {
         let l = load(f.path()).expect("loads");
         assert_eq!(l.prefix, "connector.db");
         assert_eq!(l.db.format.kind, super::super::format::FormatKind::Xml);
-        l.db.validate_for(Operation::SubscribeAndWrite, &l.prefix).expect("valid");
+        l.db.validate_for(Operation::SubscribeAndWrite, &l.prefix)
+            .expect("valid");
         let err = l.db.validate_for(Operation::SelectAndSend, &l.prefix).unwrap_err();
-        assert!(err.iter().any(|e| e.starts_with("connector.db.database.query")), "{err:?}");
+        assert!(
+            err.iter().any(|e| e.starts_with("connector.db.database.query")),
+            "{err:?}"
+        );
     }
 
     #[test]

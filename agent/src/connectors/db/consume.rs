@@ -81,7 +81,10 @@ async fn get_one(
     match writer.write(std::slice::from_ref(&msg), cancel, deadline).await {
         Ok(dispositions) => match dispositions.into_iter().next() {
             Some(Disposition::Written { records }) => {
-                session.channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
+                session
+                    .channel
+                    .basic_ack(d.delivery_tag, BasicAckOptions::default())
+                    .await?;
                 Ok(Outcome::Success(format!(
                     "message {id} written: {records} record(s) committed, then acknowledged"
                 )))
@@ -116,12 +119,22 @@ async fn dead_letter(
 ) -> Result<(), BrokerError> {
     let queue = &cfg.broker.source.queue;
     let dl = &cfg.broker.dead_letter;
-    let props = dead_letter_properties(&d.properties, class, reason, d.exchange.as_str(), d.routing_key.as_str(), queue);
+    let props = dead_letter_properties(
+        &d.properties,
+        class,
+        reason,
+        d.exchange.as_str(),
+        d.routing_key.as_str(),
+        queue,
+    );
     let routed = session
         .publish_confirmed(&dl.exchange, &dl.routing_key_for(queue), &d.data, props)
         .await?;
     if routed {
-        session.channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
+        session
+            .channel
+            .basic_ack(d.delivery_tag, BasicAckOptions::default())
+            .await?;
     } else {
         tracing::error!(exchange = %dl.exchange, %reason, "no queue takes the dead letter; rejecting the message to the queue's own dead-lettering, if any");
         session
@@ -317,7 +330,10 @@ async fn consume(
                         .basic_reject(d.delivery_tag, BasicRejectOptions { requeue: false })
                         .await?;
                 } else {
-                    session.channel.basic_ack(d.delivery_tag, BasicAckOptions::default()).await?;
+                    session
+                        .channel
+                        .basic_ack(d.delivery_tag, BasicAckOptions::default())
+                        .await?;
                 }
             }
         }

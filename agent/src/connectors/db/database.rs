@@ -69,7 +69,7 @@ impl WriteFailure {
 
 /// A connection to the connector's database.
 pub enum Database {
-    Postgres(super::pg::Pg),
+    Postgres(Box<super::pg::Pg>),
     MySql(super::mysql::My),
     Sqlite(super::sqlite::Lite),
     #[cfg(feature = "odbc")]
@@ -83,7 +83,9 @@ impl Database {
         let password = cfg.password().map_err(DbError::Unavailable)?;
         let timeout = cfg.database.connect_timeout;
         let mut db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Database::Postgres(super::pg::Pg::connect(url, password.as_deref(), timeout).await?)
+            Database::Postgres(Box::new(
+                super::pg::Pg::connect(url, password.as_deref(), timeout).await?,
+            ))
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
             Database::MySql(super::mysql::My::connect(url, password.as_deref(), timeout).await?)
         } else if let Some(path) = url.strip_prefix("sqlite:") {
@@ -171,7 +173,7 @@ impl Database {
 
     pub async fn close(self) {
         match self {
-            Database::Postgres(d) => d.close().await,
+            Database::Postgres(d) => (*d).close().await,
             Database::MySql(d) => d.close().await,
             Database::Sqlite(_) => {}
             #[cfg(feature = "odbc")]
@@ -181,10 +183,7 @@ impl Database {
 }
 
 /// A bounded wait for a driver call that has no timeout of its own.
-pub async fn bounded<T>(
-    timeout: Duration,
-    fut: impl Future<Output = Result<T, DbError>>,
-) -> Result<T, DbError> {
+pub async fn bounded<T>(timeout: Duration, fut: impl Future<Output = Result<T, DbError>>) -> Result<T, DbError> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(DbError::Unavailable(format!("no answer within {timeout:?}"))),

@@ -206,7 +206,9 @@ impl FormatConfig {
                     "{prefix}.records: applies to json and xml only (each delimited line is a record)"
                 ));
             } else if r.split('.').any(str::is_empty) {
-                p.push(format!("{prefix}.records: {r:?} is not a dotted path such as `items.item`"));
+                p.push(format!(
+                    "{prefix}.records: {r:?} is not a dotted path such as `items.item`"
+                ));
             }
         }
     }
@@ -259,7 +261,10 @@ pub fn encode_row(cfg: &FormatConfig, columns: &[String], row: &[Cell]) -> Resul
             if cfg.header {
                 w.write_record(columns).map_err(|e| err(e.to_string()))?;
             }
-            let fields: Vec<String> = row.iter().map(|c| c.to_text().unwrap_or_else(|| cfg.null.clone())).collect();
+            let fields: Vec<String> = row
+                .iter()
+                .map(|c| c.to_text().unwrap_or_else(|| cfg.null.clone()))
+                .collect();
             w.write_record(&fields).map_err(|e| err(e.to_string()))?;
             let mut out = w.into_inner().map_err(|e| err(e.to_string()))?;
             if out.last() == Some(&b'\n') {
@@ -546,7 +551,10 @@ fn parse_xml(text: &str) -> Result<Element, FormatError> {
         }
     }
     if !stack.is_empty() {
-        return Err(err(format!("invalid XML: element <{}> is not closed", stack[stack.len() - 1].name)));
+        return Err(err(format!(
+            "invalid XML: element <{}> is not closed",
+            stack[stack.len() - 1].name
+        )));
     }
     root.ok_or_else(|| err("invalid XML: no root element"))
 }
@@ -700,13 +708,12 @@ mod tests {
         let mut c = cfg(FormatKind::Delimited);
         c.delimiter = "|".into();
         c.columns = cols(&["id", "name", "note"]);
-        let row = vec![
-            Cell::Int(7),
-            Cell::Text("Zoë | \"the\" boss".into()),
-            Cell::Null,
-        ];
+        let row = vec![Cell::Int(7), Cell::Text("Zoë | \"the\" boss".into()), Cell::Null];
         let body = encode_row(&c, &c.columns, &row).unwrap();
-        assert_eq!(String::from_utf8(body.clone()).unwrap(), "7|\"Zoë | \"\"the\"\" boss\"|");
+        assert_eq!(
+            String::from_utf8(body.clone()).unwrap(),
+            "7|\"Zoë | \"\"the\"\" boss\"|"
+        );
         let recs = decode_message(&c, &body).unwrap();
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0]["id"], text("7"));
@@ -794,7 +801,12 @@ mod tests {
     #[test]
     fn bad_json_is_reported() {
         let c = cfg(FormatKind::Json);
-        assert!(decode_message(&c, b"{\"a\":").unwrap_err().0.starts_with("invalid JSON"));
+        assert!(
+            decode_message(&c, b"{\"a\":")
+                .unwrap_err()
+                .0
+                .starts_with("invalid JSON")
+        );
         assert!(decode_message(&c, b"42").unwrap_err().0.contains("a number"));
         assert!(decode_message(&c, b"[]").unwrap_err().0.contains("no record"));
         assert!(decode_message(&c, &[0xff, 0xfe]).unwrap_err().0.contains("UTF-8"));
@@ -863,12 +875,7 @@ mod tests {
         let body = encode_row(
             &c,
             &cols(&["id", "note", "count(*)", "n"]),
-            &[
-                Cell::Int(1),
-                Cell::Text("a<b & \"ü\"".into()),
-                Cell::Int(3),
-                Cell::Null,
-            ],
+            &[Cell::Int(1), Cell::Text("a<b & \"ü\"".into()), Cell::Int(3), Cell::Null],
         )
         .unwrap();
         let s = String::from_utf8(body.clone()).unwrap();

@@ -72,7 +72,10 @@ impl Pg {
     pub async fn write(&mut self, stmts: &[Compiled], messages: &[Vec<Bound>]) -> Result<(), WriteFailure> {
         self.prepare(stmts).await.map_err(WriteFailure::all)?;
         let Pg { client, prepared, .. } = self;
-        let tx = client.transaction().await.map_err(|e| WriteFailure::all(classify(&e)))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| WriteFailure::all(classify(&e)))?;
         let executions = messages.iter().enumerate().flat_map(|(m, binds)| {
             let tx = &tx;
             let prepared = &*prepared;
@@ -363,7 +366,10 @@ mod tests {
     #[test]
     fn numeric_binary_to_text() {
         // 12345.678 = [1, 2345, 6780], weight 1, dscale 3
-        assert_eq!(numeric(&numeric_bytes(3, 1, 0, 3, &[1, 2345, 6780])).unwrap(), "12345.678");
+        assert_eq!(
+            numeric(&numeric_bytes(3, 1, 0, 3, &[1, 2345, 6780])).unwrap(),
+            "12345.678"
+        );
         // -0.0012 = [12], weight -1, dscale 4
         assert_eq!(numeric(&numeric_bytes(1, -1, 0x4000, 4, &[12])).unwrap(), "-0.0012");
         // 10000 = [1], weight 1, dscale 0

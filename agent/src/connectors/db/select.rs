@@ -49,7 +49,9 @@ pub fn state_path(cfg: &DbConnectorConfig, data_dir: &Path) -> PathBuf {
         cfg.database.query.as_deref().unwrap_or(""),
         cfg.database.tracking_column.as_deref().unwrap_or("")
     );
-    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, identity.as_bytes()).simple().to_string();
+    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, identity.as_bytes())
+        .simple()
+        .to_string();
     data_dir.join("db-connector").join(format!("select-{}.json", &id[..16]))
 }
 
@@ -169,7 +171,9 @@ pub async fn select_and_send_every(
     loop {
         let outcome = select_and_send(cfg.clone(), amqp_url, data_dir).await;
         match &outcome {
-            Outcome::Failure(e) => tracing::warn!(error = %e, "select-and-send failed; trying again at the next interval"),
+            Outcome::Failure(e) => {
+                tracing::warn!(error = %e, "select-and-send failed; trying again at the next interval")
+            }
             o => tracing::info!(outcome = %o, "select-and-send run"),
         }
         tokio::select! {
@@ -204,7 +208,12 @@ fn plan(cfg: &DbConnectorConfig, dialect: Dialect, has_last: bool) -> Result<(Co
     Ok((compiled(&wrapped)?, true))
 }
 
-async fn run(cfg: &DbConnectorConfig, db: &mut Database, session: &Session, data_dir: &Path) -> Result<(u64, String), String> {
+async fn run(
+    cfg: &DbConnectorConfig,
+    db: &mut Database,
+    session: &Session,
+    data_dir: &Path,
+) -> Result<(u64, String), String> {
     let dest = &cfg.broker.destination;
     session
         .ensure_exchange(&dest.exchange, &dest.exchange_type)
@@ -289,7 +298,9 @@ async fn publish_rows(
         let track = tracking.map(|t| row[t].clone());
         in_flight.push_back(async move { (confirm.await, routing_key, track) });
         while in_flight.len() >= WINDOW || (i + 1 == rows.rows.len() && !in_flight.is_empty()) {
-            let Some((c, key, track)) = in_flight.next().await else { break };
+            let Some((c, key, track)) = in_flight.next().await else {
+                break;
+            };
             match super::broker::confirmed(c) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -306,10 +317,10 @@ async fn publish_rows(
             }
             confirmed += 1;
             since_save += 1;
-            if let Some(t) = track.filter(|t| *t != Cell::Null) {
-                if best.as_ref().is_none_or(|b| compare(&t, b) == Ordering::Greater) {
-                    best = Some(t);
-                }
+            if let Some(t) = track.filter(|t| *t != Cell::Null)
+                && best.as_ref().is_none_or(|b| compare(&t, b) == Ordering::Greater)
+            {
+                best = Some(t);
             }
             if since_save >= WINDOW {
                 save(cfg, path, state, &best, since_save)?;
@@ -369,7 +380,10 @@ mod tests {
             "SELECT * FROM (SELECT id, v FROM t) AS edgecase_rows WHERE \"id\" > $1 ORDER BY \"id\" LIMIT 5"
         );
         let (q, _) = plan(&c, Dialect::MySql, false).unwrap();
-        assert_eq!(q.sql, "SELECT * FROM (SELECT id, v FROM t) AS edgecase_rows ORDER BY `id` LIMIT 5");
+        assert_eq!(
+            q.sql,
+            "SELECT * FROM (SELECT id, v FROM t) AS edgecase_rows ORDER BY `id` LIMIT 5"
+        );
         c.database.query = Some("SELECT * FROM t WHERE id > :_last ORDER BY id".into());
         let (q, pages) = plan(&c, Dialect::Sqlite, true).unwrap();
         assert!(!pages);

@@ -25,8 +25,10 @@ impl Lite {
         let conn = blocking(move || {
             let conn = Connection::open(&path).map_err(|e| classify(&e))?;
             conn.busy_timeout(busy_timeout).map_err(|e| classify(&e))?;
-            conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| classify(&e))?;
-            conn.pragma_update(None, "synchronous", "FULL").map_err(|e| classify(&e))?;
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(|e| classify(&e))?;
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(|e| classify(&e))?;
             Ok(conn)
         })
         .await?;
@@ -68,7 +70,9 @@ impl Lite {
         };
         match tokio::task::spawn_blocking(run).await {
             Ok(r) => r,
-            Err(e) => Err(WriteFailure::all(DbError::Unavailable(format!("SQLite task failed: {e}")))),
+            Err(e) => Err(WriteFailure::all(DbError::Unavailable(format!(
+                "SQLite task failed: {e}"
+            )))),
         }
     }
 

@@ -209,7 +209,9 @@ impl ColumnMap {
             return Err(format!("{s:?}: want \"column\" or \"column = field\""));
         }
         if !field.chars().all(is_name_char) || !field.starts_with(is_name_start) {
-            return Err(format!("{s:?}: field {field:?} may hold only letters, digits, _, . and @"));
+            return Err(format!(
+                "{s:?}: field {field:?} may hold only letters, digits, _, . and @"
+            ));
         }
         Ok(ColumnMap {
             column: column.to_string(),
@@ -229,7 +231,10 @@ pub fn table_upsert(table: &str, key_column: Option<&str>, columns: &[ColumnMap]
         names.push(q(k));
         values.push(":_key".to_string());
     }
-    let others: Vec<&ColumnMap> = columns.iter().filter(|c| Some(c.column.as_str()) != key_column).collect();
+    let others: Vec<&ColumnMap> = columns
+        .iter()
+        .filter(|c| Some(c.column.as_str()) != key_column)
+        .collect();
     for c in &others {
         names.push(q(&c.column));
         values.push(format!(":{}", c.field));
@@ -301,7 +306,8 @@ mod tests {
 
     #[test]
     fn literals_comments_and_casts_are_left_alone() {
-        let sql = "SELECT ':no', \"col:x\", 'it''s :no', $tag$ :no $tag$, x::text /* :no */ -- :no\n, :loc.site. FROM t";
+        let sql =
+            "SELECT ':no', \"col:x\", 'it''s :no', $tag$ :no $tag$, x::text /* :no */ -- :no\n, :loc.site. FROM t";
         let c = compile(sql, Dialect::Postgres).unwrap();
         assert_eq!(
             c.sql,
@@ -322,7 +328,10 @@ mod tests {
 
     #[test]
     fn table_upserts_per_dialect() {
-        let cols = vec![ColumnMap::parse("device_id").unwrap(), ColumnMap::parse("reading = value").unwrap()];
+        let cols = vec![
+            ColumnMap::parse("device_id").unwrap(),
+            ColumnMap::parse("reading = value").unwrap(),
+        ];
         assert_eq!(
             table_upsert("public.readings", Some("message_id"), &cols, Dialect::Postgres),
             "INSERT INTO \"public\".\"readings\" (\"message_id\", \"device_id\", \"reading\") VALUES (:_key, :device_id, :value) ON CONFLICT (\"message_id\") DO UPDATE SET \"device_id\" = excluded.\"device_id\", \"reading\" = excluded.\"reading\""

@@ -95,7 +95,11 @@ impl Writer {
 
     /// Connects now (with retries until `give_up_at`), so that configuration errors show at
     /// start rather than with the first message.
-    pub async fn connect(&mut self, cancel: &CancellationToken, give_up_at: Option<Instant>) -> Result<(), Interrupted> {
+    pub async fn connect(
+        &mut self,
+        cancel: &CancellationToken,
+        give_up_at: Option<Instant>,
+    ) -> Result<(), Interrupted> {
         match self.ensure_connected(cancel, give_up_at).await {
             Ok(_) => Ok(()),
             Err(Ok(e)) => Err(e),
@@ -280,7 +284,12 @@ impl Writer {
         }
     }
 
-    async fn pause(&mut self, cancel: &CancellationToken, give_up_at: Option<Instant>, e: &str) -> Result<(), Interrupted> {
+    async fn pause(
+        &mut self,
+        cancel: &CancellationToken,
+        give_up_at: Option<Instant>,
+        e: &str,
+    ) -> Result<(), Interrupted> {
         let delay = self.backoff.next_delay();
         if let Some(limit) = give_up_at
             && Instant::now() + delay > limit
@@ -328,7 +337,10 @@ fn finish(out: Vec<Option<Disposition>>, stats: &mut WriterStats) -> Vec<Disposi
 
 /// The write statements in `dialect`: the configured ones, or the upsert of
 /// `database.table`.
-pub fn compile_statements(cfg: &DbConnectorConfig, dialect: super::statement::Dialect) -> Result<Vec<Compiled>, String> {
+pub fn compile_statements(
+    cfg: &DbConnectorConfig,
+    dialect: super::statement::Dialect,
+) -> Result<Vec<Compiled>, String> {
     let d = &cfg.database;
     let sources: Vec<String> = match &d.table {
         Some(table) => {
@@ -350,7 +362,13 @@ pub fn compile_statements(cfg: &DbConnectorConfig, dialect: super::statement::Di
 }
 
 /// The fields every record has besides its own.
-fn special_fields(cfg: &DbConnectorConfig, msg: &Incoming, rec: &Record, index: usize, count: usize) -> Result<Record, String> {
+fn special_fields(
+    cfg: &DbConnectorConfig,
+    msg: &Incoming,
+    rec: &Record,
+    index: usize,
+    count: usize,
+) -> Result<Record, String> {
     let id = msg.id();
     let key = if cfg.database.key == "_message_id" {
         if count > 1 {
@@ -376,7 +394,10 @@ fn special_fields(cfg: &DbConnectorConfig, msg: &Incoming, rec: &Record, index: 
     f.insert("_index".into(), Value::Int(index as i64));
     f.insert("_routing_key".into(), Value::Text(msg.routing_key.clone()));
     f.insert("_exchange".into(), Value::Text(msg.exchange.clone()));
-    f.insert("_body".into(), Value::Text(String::from_utf8_lossy(&msg.body).into_owned()));
+    f.insert(
+        "_body".into(),
+        Value::Text(String::from_utf8_lossy(&msg.body).into_owned()),
+    );
     Ok(f)
 }
 
@@ -458,9 +479,19 @@ mod tests {
         let b = bind(&c, &stmts, &m, &recs).unwrap();
         let id = m.id();
         assert_eq!(b[1].values[0], Value::Text(format!("{id}#1")));
-        assert_eq!(m.id(), msg(r#"[{"a": 1}, {"a": 2}]"#, None).id(), "stable without a message id");
+        assert_eq!(
+            m.id(),
+            msg(r#"[{"a": 1}, {"a": 2}]"#, None).id(),
+            "stable without a message id"
+        );
         c.format.missing = MissingField::Reject;
-        let e = bind(&c, &compile_statements(&c, Dialect::Sqlite).unwrap(), &m, &[Record::new()]).unwrap_err();
+        let e = bind(
+            &c,
+            &compile_statements(&c, Dialect::Sqlite).unwrap(),
+            &m,
+            &[Record::new()],
+        )
+        .unwrap_err();
         assert!(e.contains("no field `a`"), "{e}");
     }
 
