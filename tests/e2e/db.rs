@@ -40,6 +40,8 @@ pub struct DbBed {
     pub dlq: String,
     /// A queue for select-and-send's output, bound to `names.cases_exchange`.
     pub out_queue: String,
+    /// The connector reaches the database through its ODBC driver (feature `odbc`).
+    pub odbc: bool,
 }
 
 impl DbBed {
@@ -54,6 +56,7 @@ impl DbBed {
             table,
             dlq,
             out_queue,
+            odbc: false,
         }
     }
 
@@ -62,6 +65,15 @@ impl DbBed {
     }
 
     pub fn url(&self) -> String {
+        if self.odbc {
+            return match self.db {
+                Db::Postgres => {
+                    "odbc:Driver={PostgreSQL Unicode};Server=127.0.0.1;Port=5432;Database=test;UID=postgres".into()
+                }
+                Db::Sqlite => format!("odbc:Driver={{SQLite3}};Database={}", self.sqlite_path().display()),
+                Db::Maria => panic!("no MariaDB ODBC driver in the tests"),
+            };
+        }
         match self.db {
             Db::Postgres => PG_URL.into(),
             Db::Maria => MARIADB_URL.into(),
@@ -572,9 +584,10 @@ fn same_number(a: &str, b: &str) -> bool {
 }
 
 /// get-and-write, then select-and-send of what it wrote, in one format and one database.
-async fn round_trip(db: Db, kind: FormatKind) {
-    let label = format!("{db:?}/{kind:?}");
-    let t = DbBed::new(&format!("dbrt-{}", format!("{db:?}{kind:?}").to_lowercase()), db);
+async fn round_trip(db: Db, kind: FormatKind, odbc: bool) {
+    let label = format!("{db:?}/{kind:?}{}", if odbc { " through ODBC" } else { "" });
+    let mut t = DbBed::new(&format!("dbrt-{}", format!("{db:?}{kind:?}{odbc}").to_lowercase()), db);
+    t.odbc = odbc;
     let table = t.table.clone();
     let settings = t.settings(
         json!({
@@ -683,7 +696,20 @@ async fn db_get_and_write_then_select_and_send_every_format_and_database() {
     let _rabbit = RABBITMQ.read().await;
     for db in [Db::Postgres, Db::Maria, Db::Sqlite] {
         for kind in [FormatKind::Delimited, FormatKind::Json, FormatKind::Xml] {
-            round_trip(db, kind).await;
+            round_trip(db, kind, false).await;
+        }
+    }
+}
+
+/// The `odbc` build, through Debian's ODBC drivers for SQLite (libsqliteodbc) and
+/// PostgreSQL (odbc-postgresql).
+#[cfg(feature = "odbc")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_through_odbc_drivers() {
+    let _rabbit = RABBITMQ.read().await;
+    for db in [Db::Sqlite, Db::Postgres] {
+        for kind in [FormatKind::Json, FormatKind::Delimited] {
+            round_trip(db, kind, true).await;
         }
     }
 }
