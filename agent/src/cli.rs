@@ -80,6 +80,10 @@ pub struct DemoArgs {
     /// Seconds between live count lines.
     #[arg(long, default_value_t = 5)]
     pub report_every: u64,
+    /// The SQLite database the DB connector stores readings and cases in (in-process queue
+    /// only) [default: edgecase-demo-PID.sqlite in the temporary directory].
+    #[arg(long, value_name = "FILE")]
+    pub db: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -237,6 +241,9 @@ async fn demo(args: DemoArgs) -> Result<()> {
         duration: args.duration,
         data_dir: args.data_dir,
         report_every: std::time::Duration::from_secs(args.report_every.max(1)),
+        db: args
+            .db
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("edgecase-demo-{}.sqlite", std::process::id()))),
     };
     let s = run(opts, stop).await?;
     println!("edgecase demo: summary");
@@ -251,6 +258,16 @@ async fn demo(args: DemoArgs) -> Result<()> {
     println!("  left in buffer   {}", s.pending_at_exit);
     for subject in &s.case_subjects {
         println!("  case: {subject}");
+    }
+    if let Some((path, readings, cases)) = &s.database {
+        println!(
+            "  database         {} ({readings} readings, {cases} case events, written by the DB connector)",
+            path.display()
+        );
+        println!(
+            "                   sqlite3 {} 'SELECT device_id, sensor, value, ts FROM readings LIMIT 5; SELECT action, subject FROM cases'",
+            path.display()
+        );
     }
     Ok(())
 }

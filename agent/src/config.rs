@@ -248,7 +248,7 @@ impl Default for BufferConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     /// Publish to AMQP at all. Off, readings stay in the buffer (up to its cap).

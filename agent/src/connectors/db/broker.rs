@@ -142,6 +142,18 @@ impl Session {
     /// Source queue (and its exchange and binding) and the dead-letter exchange and queue.
     pub async fn ensure_source(&self, cfg: &BrokerConfig) -> Result<(), BrokerError> {
         let s = &cfg.source;
+        if let Some(agent) = &cfg.agent_topology
+            && [&agent.readings_exchange, &agent.cases_exchange].contains(&&s.exchange)
+        {
+            // On a channel of its own: a clash closes the channel it happens on.
+            let ch = self.connection.create_channel().await?;
+            match crate::publish::amqp::declare_topology(&ch, agent).await {
+                Ok(()) => {
+                    let _ = ch.close(200, "ok".into()).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot declare the agent's exchanges; using what exists"),
+            }
+        }
         self.ensure_exchange(&s.exchange, &s.exchange_type).await?;
         self.ensure_queue(&s.queue, &s.exchange, &s.binding_keys).await?;
         let d = &cfg.dead_letter;

@@ -99,6 +99,8 @@ impl DbCommand {
         }
         let data_dir = config.data_dir(common.data_dir.as_deref());
         let interval = db.database.interval;
+        let mut db = db;
+        db.broker.agent_topology = Some(config.amqp.clone());
         let connector = DbConnector::new(db, &config.amqp.url, data_dir);
         let cancel = CancellationToken::new();
         let signal = cancel.clone();

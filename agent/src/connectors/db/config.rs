@@ -114,6 +114,11 @@ pub struct BrokerConfig {
     /// subscribe-and-write: most messages written in one transaction. Messages are grouped
     /// only when they are already waiting; 1 writes each in its own transaction.
     pub batch_size: usize,
+    /// The agent's own exchanges (from `[amqp]`): when the source is one of them and it is
+    /// missing, it is created as the agent would create it (with its alternate exchange),
+    /// so that the agent can still declare it later. Not a setting.
+    #[serde(skip)]
+    pub agent_topology: Option<crate::config::AmqpConfig>,
 }
 
 impl Default for BrokerConfig {
@@ -124,6 +129,7 @@ impl Default for BrokerConfig {
             destination: DestinationConfig::default(),
             dead_letter: DeadLetterConfig::default(),
             batch_size: 500,
+            agent_topology: None,
         }
     }
 }
