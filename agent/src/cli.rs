@@ -42,7 +42,8 @@ pub enum Command {
     /// RabbitMQ. Live counts while it runs, a summary at the end; Ctrl-C stops it.
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
-    /// Broker-side connectors: consume the cases on RabbitMQ and write them elsewhere.
+    /// Broker-side connectors: consume from RabbitMQ and write to Salesforce or a database,
+    /// or read a database and publish.
     #[command(subcommand)]
     Connector(ConnectorCommand),
 }
@@ -52,7 +53,23 @@ pub enum ConnectorCommand {
     /// Create (upsert) Salesforce Cases from the cases on RabbitMQ; `-i config.json` in the
     /// seed's shape (tenant + divisions).
     Salesforce(salesforce::SalesforceArgs),
+    /// The SQL database connector (PostgreSQL, MySQL/MariaDB, SQLite; ODBC in builds with
+    /// the `odbc` feature): select-and-send, get-and-write, subscribe-and-write.
+    #[command(subcommand)]
+    Db(edgecase::connectors::db::cli::DbCommand),
 }
+
+/// Ends the process with this status, after the command printed its own message.
+#[derive(Debug)]
+pub struct Exit(pub u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 #[cfg(feature = "demo")]
 #[derive(Debug, Args)]
@@ -69,6 +86,10 @@ pub struct DemoArgs {
     /// Seconds between live count lines.
     #[arg(long, default_value_t = 5)]
     pub report_every: u64,
+    /// The SQLite database the DB connector stores readings and cases in (in-process queue
+    /// only) [default: edgecase-demo-PID.sqlite in the temporary directory].
+    #[arg(long, value_name = "FILE")]
+    pub db: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +188,7 @@ impl Cli {
             #[cfg(feature = "demo")]
             Command::Demo(args) => demo(args).await,
             Command::Connector(ConnectorCommand::Salesforce(args)) => salesforce::run(args).await,
+            Command::Connector(ConnectorCommand::Db(cmd)) => connector_db(cmd).await,
             Command::Rules(RulesCommand::Test {
                 config,
                 input,
@@ -246,6 +268,9 @@ async fn demo(args: DemoArgs) -> Result<()> {
         duration: args.duration,
         data_dir: args.data_dir,
         report_every: std::time::Duration::from_secs(args.report_every.max(1)),
+        db: args
+            .db
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("edgecase-demo-{}.sqlite", std::process::id()))),
     };
     let s = run(opts, stop).await?;
     println!("edgecase demo: summary");
@@ -261,7 +286,32 @@ async fn demo(args: DemoArgs) -> Result<()> {
     for subject in &s.case_subjects {
         println!("  case: {subject}");
     }
+    if let Some((path, readings, cases)) = &s.database {
+        println!(
+            "  database         {} ({readings} readings, {cases} case events, written by the DB connector)",
+            path.display()
+        );
+        println!(
+            "                   sqlite3 {} 'SELECT device_id, sensor, value, ts FROM readings LIMIT 5; SELECT action, subject FROM cases'",
+            path.display()
+        );
+    }
     Ok(())
+}
+
+/// Prints the outcome (success and empty on stdout, failure on stderr) and exits with its
+/// status: 0, 3 or 1.
+async fn connector_db(cmd: edgecase::connectors::db::cli::DbCommand) -> Result<()> {
+    use edgecase::connectors::db::Outcome;
+    let outcome = cmd.run(init_logging).await;
+    match &outcome {
+        Outcome::Failure(_) => eprintln!("edgecase: {outcome}"),
+        _ => println!("{outcome}"),
+    }
+    match outcome.exit_code() {
+        0 => Ok(()),
+        code => Err(Exit(code).into()),
+    }
 }
 
 fn check(args: ConfigArgs) -> Result<()> {

@@ -59,6 +59,8 @@ pub struct Config {
     /// The Salesforce Case connector (`tenant` + `divisions`), run beside the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub salesforce: Option<crate::connectors::salesforce::config::SalesforceConfig>,
+    /// Connectors run by `edgecase connector ...` (`[connector.db]`).
+    pub connector: crate::connectors::ConnectorConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -253,7 +255,7 @@ impl Default for BufferConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     /// Publish to AMQP at all. Off, readings stay in the buffer (up to its cap).
@@ -370,6 +372,32 @@ impl Config {
             };
             builder = builder.add_source(config::File::from(path).format(format).required(true));
         }
+        Self::finish(builder, env, origin)
+    }
+
+    /// As [`Config::load`], from text already read (`json`: JSON, else TOML); `origin` names
+    /// it in messages.
+    pub fn load_str(
+        origin: &str,
+        text: &str,
+        json: bool,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Config, Error> {
+        let format = if json {
+            config::FileFormat::Json
+        } else {
+            config::FileFormat::Toml
+        };
+        let builder = config::Config::builder().add_source(config::File::from_str(text, format));
+        Self::finish(builder, env, origin.to_string())
+    }
+
+    /// Adds the environment, deserializes and validates.
+    fn finish(
+        mut builder: config::ConfigBuilder<config::builder::DefaultState>,
+        env: Option<std::collections::HashMap<String, String>>,
+        origin: String,
+    ) -> Result<Config, Error> {
         let mut env_source = config::Environment::with_prefix("EDGECASE")
             .prefix_separator("__")
             .separator("__")
@@ -491,6 +519,9 @@ impl Config {
             && let Err(problems) = sf.resolve("salesforce", &self.amqp)
         {
             p.extend(problems);
+        }
+        if let Some(db) = &self.connector.db {
+            db.validate("connector.db", &mut p);
         }
         if self.admin.enabled && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(

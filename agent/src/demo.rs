@@ -5,14 +5,17 @@
 //! humidity sensor out of range, a stuck pressure sensor, a meter that goes silent, a
 //! device sending garbage). The agent runs exactly as `edgecase run` would, with the rules
 //! of `examples/gateway.toml`: ingest, SQLite buffer, rules, publisher. The publisher hands
-//! messages to an in-process queue (or, with `--amqp`, to a real RabbitMQ). Live counts
-//! while it runs, a summary at the end.
+//! messages to an in-process queue (or, with `--amqp`, to a real RabbitMQ). From the
+//! in-process queue, the DB connector's writer stores every reading and case event in a
+//! SQLite database (`--db`, named at the end). Live counts while it runs, a summary at the
+//! end.
 //!
 //! This module is compiled only with the `demo` feature, which the gateway build leaves
 //! out: the embedded broker is a large dependency that a gateway does not need.
 
 use crate::agent::{Agent, Output};
 use crate::config::{Config, SerialPortConfig};
+use crate::connectors::db::write::Incoming;
 use crate::metrics::Metrics;
 use crate::publish::memory::Delivery;
 use crate::rules::{CaseAction, CaseEvent};
@@ -45,6 +48,8 @@ pub struct DemoOptions {
     pub data_dir: Option<PathBuf>,
     /// Seconds between live count lines.
     pub report_every: Duration,
+    /// Where the DB connector stores readings and cases (in-process queue only).
+    pub db: PathBuf,
 }
 
 /// Counts the demo's consumer saw.
@@ -57,6 +62,8 @@ pub struct Summary {
     pub dead_letters: u64,
     pub pending_at_exit: u64,
     pub case_subjects: Vec<String>,
+    /// The SQLite database the DB connector wrote, and its rows: readings, case events.
+    pub database: Option<(PathBuf, u64, u64)>,
 }
 
 /// Runs the demo until Ctrl-C, SIGTERM or the duration, and returns what happened.
@@ -105,6 +112,11 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
         }
         None => Output::Memory(deliveries_tx),
     };
+    // The DB connector's writers, one per table, fed by the in-process consumer.
+    let writers = match &opts.amqp {
+        None => Some(DbWriters::start(&opts.db)?),
+        Some(_) => None,
+    };
     let agent = Agent::start_with(&config, data_dir.clone(), output).await?;
     let metrics = agent.metrics.clone();
     println!(
@@ -125,7 +137,8 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(mqtt_devices(broker_port, devices.clone()));
     tasks.spawn(serial_device(pty, devices.clone()));
-    let consumer = tokio::spawn(consume(deliveries_rx));
+    let to_db = writers.as_ref().map(|w| (w.readings.clone(), w.cases.clone()));
+    let consumer = tokio::spawn(consume(deliveries_rx, to_db));
 
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut every = tokio::time::interval(opts.report_every);
@@ -142,6 +155,10 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     devices.cancel();
     while tasks.join_next().await.is_some() {}
     let seen = consumer.await.unwrap_or_default();
+    let database = match writers {
+        Some(w) => Some(w.finish(&opts.db).await?),
+        None => None,
+    };
     let summary = Summary {
         readings_in: metrics.ingest_readings.get_or_create(&source("mqtt")).get()
             + metrics.ingest_readings.get_or_create(&source("serial")).get(),
@@ -151,6 +168,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
         dead_letters: metrics.buffer_dead_letters.get().max(0) as u64,
         pending_at_exit: metrics.buffer_pending_readings.get().max(0) as u64,
         case_subjects: seen,
+        database,
     };
     if temporary {
         let _ = std::fs::remove_dir_all(&data_dir);
@@ -194,12 +212,95 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// The demo's stand-in for the broker's consumers: prints each case it would send to
-/// Salesforce, counts the rest. Returns the subjects of the cases raised.
-async fn consume(mut rx: mpsc::Receiver<Delivery>) -> Vec<String> {
+/// The DB connector in the demo: readings and case events into two tables of a SQLite
+/// database, through the connector's own writer (decode, bind, batch, commit).
+struct DbWriters {
+    readings: mpsc::Sender<Incoming>,
+    cases: mpsc::Sender<Incoming>,
+    tasks: Vec<tokio::task::JoinHandle<Result<crate::connectors::db::write::WriterStats, String>>>,
+}
+
+impl DbWriters {
+    fn start(path: &std::path::Path) -> Result<DbWriters, Error> {
+        let url = format!("sqlite:{}", path.display());
+        let readings = serde_json::json!({
+            "database": {
+                "url": url,
+                "setup": ["CREATE TABLE IF NOT EXISTS readings (message_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, sensor TEXT NOT NULL, value REAL NOT NULL, unit TEXT, ts TEXT NOT NULL, seq INTEGER, gateway_id TEXT, source TEXT)"],
+                "table": "readings",
+                "columns": ["device_id", "sensor", "value", "unit", "ts", "seq", "gateway_id", "source"],
+            },
+            "format": { "type": "json" },
+        });
+        let cases = serde_json::json!({
+            "database": {
+                "url": url,
+                "setup": ["CREATE TABLE IF NOT EXISTS cases (message_id TEXT PRIMARY KEY, event_id TEXT NOT NULL, action TEXT NOT NULL, rule TEXT NOT NULL, division TEXT, device_id TEXT, sensor TEXT, subject TEXT, priority TEXT, status TEXT, first_seen TEXT, readings INTEGER, gateway_id TEXT)"],
+                "table": "cases",
+                "columns": ["event_id", "action", "rule", "division", "device_id", "sensor", "subject = case.Subject", "priority = case.Priority", "status = case.Status", "first_seen", "readings = count", "gateway_id"],
+            },
+            "format": { "type": "json" },
+        });
+        let mut tasks = Vec::new();
+        let mut senders = Vec::new();
+        for settings in [readings, cases] {
+            let cfg: crate::connectors::db::DbConnectorConfig =
+                serde_json::from_value(settings).map_err(|e| Error::Setup(format!("DB connector settings: {e}")))?;
+            let (tx, rx) = mpsc::channel(1024);
+            senders.push(tx);
+            tasks.push(tokio::spawn(crate::connectors::db::consume::write_channel(
+                std::sync::Arc::new(cfg),
+                rx,
+                CancellationToken::new(),
+            )));
+        }
+        let cases = senders.pop().ok_or_else(|| Error::Setup("no writer".into()))?;
+        let readings = senders.pop().ok_or_else(|| Error::Setup("no writer".into()))?;
+        Ok(DbWriters { readings, cases, tasks })
+    }
+
+    /// Waits for the writers (their channels are closed) and counts what they stored.
+    async fn finish(self, path: &std::path::Path) -> Result<(PathBuf, u64, u64), Error> {
+        drop(self.readings);
+        drop(self.cases);
+        for t in self.tasks {
+            match t.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(Error::Setup(format!("DB connector: {e}"))),
+                Err(e) => return Err(Error::Setup(format!("DB connector task: {e}"))),
+            }
+        }
+        let count = |table: &str| -> Result<u64, Error> {
+            let conn =
+                rusqlite::Connection::open(path).map_err(|e| Error::Setup(format!("{}: {e}", path.display())))?;
+            conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0))
+                .map(|n| n.max(0) as u64)
+                .map_err(|e| Error::Setup(format!("{}: {e}", path.display())))
+        };
+        Ok((path.to_path_buf(), count("readings")?, count("cases")?))
+    }
+}
+
+/// The demo's stand-in for the broker's consumers: hands every message to the DB
+/// connector, prints each case it would send to Salesforce. Returns the subjects of the
+/// cases raised.
+async fn consume(
+    mut rx: mpsc::Receiver<Delivery>,
+    to_db: Option<(mpsc::Sender<Incoming>, mpsc::Sender<Incoming>)>,
+) -> Vec<String> {
     let mut subjects = Vec::new();
     while let Some(d) = rx.recv().await {
-        if !d.routing_key.starts_with("case.") {
+        let is_case = d.routing_key.starts_with("case.");
+        if let Some((readings, cases)) = &to_db {
+            let incoming = Incoming {
+                body: d.payload.clone(),
+                message_id: Some(d.message_id.clone()),
+                exchange: d.exchange.clone(),
+                routing_key: d.routing_key.clone(),
+            };
+            let _ = if is_case { cases } else { readings }.send(incoming).await;
+        }
+        if !is_case {
             continue;
         }
         let Ok(case) = serde_json::from_slice::<CaseEvent>(&d.payload) else {

@@ -17,7 +17,9 @@
 //! - [`admin`]: `/metrics` and `/healthz`.
 //! - [`rules`]: defect rules, readings in, case events out (pure).
 //! - [`agent`]: wires the stages, owns shutdown.
-//! - [`connectors`]: broker-side consumers (the Salesforce Case connector).
+//! - [`connectors`]: beside the data path, `edgecase connector ...`: the Salesforce Case
+//!   connector and [`connectors::db`], which moves messages between the broker and an SQL
+//!   database.
 //! - `demo` (feature `demo`): the whole path on one machine with an embedded broker.
 //!
 //! Errors: each library module has its own `thiserror` enum whose variants say whether to

@@ -17,6 +17,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(cli.execute()) {
         Ok(()) => ExitCode::SUCCESS,
+        // The command has already said why.
+        Err(e) if e.downcast_ref::<cli::Exit>().is_some() => {
+            ExitCode::from(e.downcast_ref::<cli::Exit>().map_or(1, |x| x.0))
+        }
         Err(e) => {
             // {:#} prints the whole chain: "cannot start the agent: data directory ... in use".
             eprintln!("edgecase: {e:#}");

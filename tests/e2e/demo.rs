@@ -18,8 +18,18 @@ fn line_value(out: &str, label: &str) -> u64 {
 
 #[tokio::test]
 async fn demo_runs_a_minute_without_services_and_raises_cases() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("demo.sqlite");
     let out = run_cli(
-        &["demo", "--duration", "65s", "--report-every", "10"],
+        &[
+            "demo",
+            "--duration",
+            "65s",
+            "--report-every",
+            "10",
+            "--db",
+            db.to_str().expect("path"),
+        ],
         Duration::from_secs(120),
     )
     .await
@@ -55,6 +65,19 @@ async fn demo_runs_a_minute_without_services_and_raises_cases() {
     }
     assert!(dead >= 2, "the garbage inputs are dead-lettered:\n{stdout}");
     assert_eq!(line_value(&stdout, "left in buffer"), 0, "{stdout}");
+    // The DB connector stored every reading once and every case event in the database the
+    // demo names.
+    assert!(
+        stdout.contains(&format!("database         {}", db.display())),
+        "{stdout}"
+    );
+    let conn = rusqlite::Connection::open(&db).expect("the demo's database");
+    let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).expect(sql) as u64;
+    assert_eq!(count("SELECT COUNT(*) FROM readings"), readings, "{stdout}");
+    assert!(
+        count("SELECT COUNT(*) FROM cases WHERE action = 'raise'") >= raised,
+        "{stdout}"
+    );
 }
 
 #[tokio::test]

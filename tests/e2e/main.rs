@@ -12,6 +12,7 @@ mod broker_limits;
 mod cases;
 mod config;
 mod crash;
+mod db;
 mod demo;
 mod mqtt;
 mod outage;

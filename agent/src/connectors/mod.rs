@@ -1,3 +1,17 @@
-//! Broker-side connectors: they consume what the agents publish and write it elsewhere.
+//! Broker-side connectors, beside the agent in the same binary (`edgecase connector ...`)
+//! and as library calls: they consume what the agents publish and write it elsewhere (a
+//! Salesforce org, an SQL database), or read a database and publish.
 
+pub mod db;
 pub mod salesforce;
+
+use serde::{Deserialize, Serialize};
+
+/// The `[connector]` section of the main config: one table per connector.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectorConfig {
+    /// The SQL database connector (`[connector.db]`); see `docs/db-connector.md`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db: Option<db::DbConnectorConfig>,
+}
