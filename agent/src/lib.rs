@@ -17,6 +17,7 @@
 //! - [`admin`]: `/metrics` and `/healthz`.
 //! - [`rules`]: defect rules, readings in, case events out (pure).
 //! - [`agent`]: wires the stages, owns shutdown.
+//! - [`watchdog`]: systemd readiness, and keep-alives only while the pipeline makes progress.
 //! - `demo` (feature `demo`): the whole path on one machine with an embedded broker.
 //!
 //! Errors: each library module has its own `thiserror` enum whose variants say whether to
@@ -35,3 +36,4 @@ pub mod publish;
 pub mod reading;
 pub mod rules;
 pub mod tls;
+pub mod watchdog;

@@ -16,3 +16,4 @@ mod mqtt;
 mod outage;
 mod rules;
 mod serial;
+mod systemd;

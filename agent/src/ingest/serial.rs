@@ -122,7 +122,10 @@ impl SerialIngest {
         let label = PortLabel { port: path.clone() };
         let mut backoff = Backoff::new(self.port.reopen_min, self.port.reopen_max);
         let mut lost_since: Option<std::time::Instant> = None;
+        // A quiet port and the reopen backoff are idle time; a commit that never ends is not.
+        let heartbeat = self.metrics.stages.register(&format!("serial port {path}"));
         while !cancel.is_cancelled() {
+            heartbeat.beat();
             let opened = tokio_serial::new(&path, self.port.baud_rate).open_native_async();
             let mut stream = match opened {
                 Ok(s) => s,
@@ -134,7 +137,7 @@ impl SerialIngest {
                     let delay = backoff.next_delay();
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => continue,
+                        _ = heartbeat.idle(tokio::time::sleep(delay)) => continue,
                     }
                 }
             };
@@ -147,9 +150,10 @@ impl SerialIngest {
             let mut splitter = LineSplitter::new(self.port.max_line_bytes);
             let mut buf = vec![0u8; 4096];
             let reason = loop {
+                heartbeat.beat();
                 let n = tokio::select! {
                     _ = cancel.cancelled() => break None,
-                    r = stream.read(&mut buf) => r,
+                    r = heartbeat.idle(stream.read(&mut buf)) => r,
                 };
                 let n = match n {
                     Ok(0) => break Some("end of stream".to_string()),
@@ -169,7 +173,6 @@ impl SerialIngest {
                     break None;
                 }
                 self.metrics.accepted("serial", readings);
-                self.metrics.made_progress();
             };
             self.metrics.serial_port_open.get_or_create(&label).set(0);
             match reason {
@@ -181,7 +184,7 @@ impl SerialIngest {
                     let delay = backoff.next_delay();
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = heartbeat.idle(tokio::time::sleep(delay)) => {}
                     }
                 }
             }

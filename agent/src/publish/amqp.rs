@@ -97,7 +97,11 @@ impl AmqpPublisher {
         let mut down_since: Option<Instant> = None;
         let target = crate::config::redact_url(self.cfg.url.expose());
         let mut state = State::Connecting;
+        // Waits for the broker (backoff, confirms) are idle time; connecting is bounded, and
+        // a publish or a buffer call that never ends stops the heartbeat (see watchdog).
+        let heartbeat = self.metrics.stages.register("publisher");
         loop {
+            heartbeat.beat();
             state = match state {
                 State::Connecting => match self.connect().await {
                     Ok(session) => {
@@ -124,7 +128,7 @@ impl AmqpPublisher {
                     }
                 },
                 State::Publishing(session) => {
-                    let result = self.publish(&session, &cancel).await;
+                    let result = self.publish(&session, &cancel, &heartbeat).await;
                     self.metrics.amqp_connected.set(0);
                     self.metrics.publish_in_flight.set(0);
                     // Best effort: the broker may already be gone.
@@ -145,7 +149,7 @@ impl AmqpPublisher {
                 }
                 State::Waiting(delay) => tokio::select! {
                     _ = cancel.cancelled() => State::Stopped,
-                    _ = tokio::time::sleep(delay) => State::Connecting,
+                    _ = heartbeat.idle(tokio::time::sleep(delay)) => State::Connecting,
                 },
                 State::Stopped => break,
             };
@@ -171,7 +175,12 @@ impl AmqpPublisher {
     }
 
     /// Publishes until cancelled (`Ok`) or the session fails (`Err`).
-    async fn publish(&self, session: &Session, cancel: &CancellationToken) -> Result<(), Error> {
+    async fn publish(
+        &self,
+        session: &Session,
+        cancel: &CancellationToken,
+        heartbeat: &crate::watchdog::Heartbeat,
+    ) -> Result<(), Error> {
         let max = self.cfg.max_in_flight;
         let mut cursor = 0i64;
         let mut in_flight = FuturesOrdered::new();
@@ -179,6 +188,7 @@ impl AmqpPublisher {
         let mut releases: JoinSet<Result<(), crate::buffer::Error>> = JoinSet::new();
         let mut confirmed: Vec<i64> = Vec::new();
         let result = loop {
+            heartbeat.beat();
             // Fill the window from the buffer.
             let mut loaded_all = true;
             if in_flight.len() < max && !cancel.is_cancelled() {
@@ -227,6 +237,9 @@ impl AmqpPublisher {
                 }
                 _ = self.buffer.wait_for_data(), if loaded_all && in_flight.len() < max => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)), if loaded_all => {}
+                // A full window waits on the broker's confirms (bounded by confirm_timeout):
+                // go round now and then so the heartbeat shows the loop alive.
+                _ = tokio::time::sleep(crate::watchdog::BEAT_EVERY), if !loaded_all => {}
             }
             if !confirmed.is_empty() {
                 let ids = std::mem::take(&mut confirmed);
@@ -264,7 +277,6 @@ impl AmqpPublisher {
             Confirmation::Ack(None) | Confirmation::NotRequested => {
                 confirmed.push(id);
                 self.metrics.publish_confirmed.inc();
-                self.metrics.made_progress();
                 let age_ms = crate::reading::now_ms().saturating_sub(created_ms).max(0);
                 self.metrics.publish_latency_seconds.observe(age_ms as f64 / 1000.0);
                 Ok(())
