@@ -12,7 +12,7 @@ fail() { echo "cross/test-provision.sh: FAIL: $*" >&2; exit 1; }
 for tool in sfdisk mkfs.vfat mkfs.ext4 debugfs mcopy mdir partx; do
   command -v "$tool" >/dev/null || fail "$tool is missing (Debian: fdisk dosfstools e2fsprogs mtools util-linux)"
 done
-binary=${1:-${CARGO_TARGET_DIR:-target/cross}/aarch64-unknown-linux-gnu/release/edgecase}
+binary=${1:-${CROSS_TARGET_DIR:-target/cross}/aarch64-unknown-linux-gnu/release/edgecase}
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 if [ ! -f "$binary" ]; then
   binary=$work/edgecase-stand-in; head -c 3000000 /dev/urandom > "$binary"

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 arch=${1:-}
 bin=${2:-}
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-cross_dir=${CARGO_TARGET_DIR:-$PWD/target/cross}
+cross_dir=${CROSS_TARGET_DIR:-$PWD/target/cross}
 case "$arch" in
   arm64) [ -n "$bin" ] || { bin=$cross_dir/aarch64-unknown-linux-gnu/release/edgecase; [ -x "$bin" ] || ./cross/build.sh aarch64; } ;;
   armhf) [ -n "$bin" ] || { bin=$cross_dir/armv7-unknown-linux-gnueabihf/release/edgecase; [ -x "$bin" ] || ./cross/build.sh armv7; } ;;
