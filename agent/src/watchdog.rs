@@ -6,8 +6,9 @@
 //!
 //! 1. **Every stage loop is alive.** Each long-running loop (MQTT ingest, each serial port,
 //!    the publisher) holds a [`Heartbeat`] and beats every time round. A wait on the outside
-//!    world (a broker, a port, a backoff sleep) is wrapped in [`Heartbeat::idle`], which keeps
-//!    beating while it waits, so an idle agent stays healthy. A wait on another stage (the
+//!    world (a broker, a port, a backoff sleep, room in a full buffer, which only the broker
+//!    can make) is wrapped in [`Heartbeat::idle`], which keeps beating while it waits, so an
+//!    idle agent, or one riding out an outage with a full buffer, stays healthy. A wait on another stage (the
 //!    buffer writer, the MQTT acknowledger) is not wrapped: if it never ends, the beats stop.
 //!    So do the beats of a loop that ended (a task that returned or panicked). A stage
 //!    silent for `watchdog.stage_timeout` fails the check.

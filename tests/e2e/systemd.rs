@@ -131,7 +131,9 @@ async fn systemd_notify_ready_keep_alives_and_stopping() {
 }
 
 /// A broker that accepts connections and never answers: an outage, so the readings wait in
-/// the buffer and the keep-alives go on, well past the stall timeout.
+/// the buffer and the keep-alives go on, well past the stall timeout. The buffer fills up and
+/// ingest holds input (back-pressure) for longer than the stage timeout: waiting for room is
+/// idle time, not a stuck stage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswering_broker_is_an_outage_not_a_stuck_pipeline() {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -146,19 +148,21 @@ async fn an_unanswering_broker_is_an_outage_not_a_stuck_pipeline() {
     bed.config["amqp"]["url"] = json!(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
     bed.config["amqp"]["confirm_timeout"] = json!("1s");
     bed.config["watchdog"] = json!({ "stage_timeout": "10s", "stall_timeout": "2s" });
+    bed.config["buffer"] = json!({ "max_readings": 10, "overflow": "refuse" });
     let (agent, manager) = start_notified(&bed);
     let ready = manager.wait_for(&agent, "READY=1", Duration::from_secs(60)).await;
     let mut publisher = Publisher::connect(&bed.names).await;
     wait_subscribed(&agent, &mut publisher, &bed.names).await;
-    for seq in 0..20 {
+    for seq in 0..30 {
         publisher.reading(&bed.names, "meter-1", "temp", seq).await;
     }
     agent
-        .wait_metrics("readings in the buffer", Duration::from_secs(30), |m| {
-            m.value("edgecase_buffer_pending_readings") >= 20.0
+        .wait_metrics("a full buffer refusing input", Duration::from_secs(30), |m| {
+            m.value("edgecase_buffer_pending_readings") >= 10.0 && m.value("edgecase_buffer_refused_total") >= 1.0
         })
         .await;
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Longer than watchdog.stage_timeout.
+    tokio::time::sleep(Duration::from_secs(13)).await;
     let now = Instant::now();
     let (count, longest) = manager.keep_alives(ready, now);
     eprintln!(

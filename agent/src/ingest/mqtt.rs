@@ -108,12 +108,13 @@ impl MqttIngest {
                     // must reach the acknowledger, or it would be stored and never
                     // acknowledged, and the broker would deliver it again. Both waits end,
                     // as the writer and the acknowledger keep draining.
-                    let queued = self.buffer.queue(vec![entry.clone()]).await;
-                    if uncommitted_tx
-                        .send(Uncommitted { publish, entry, queued })
-                        .await
-                        .is_err()
-                    {
+                    //
+                    // For the watchdog these waits are idle time: while the buffer is full
+                    // (the broker is away) the acknowledger holds input and the queues
+                    // fill. A commit that never answers stops the acknowledger's heartbeat.
+                    let queued = heartbeat.idle(self.buffer.queue(vec![entry.clone()])).await;
+                    let sent = heartbeat.idle(uncommitted_tx.send(Uncommitted { publish, entry, queued }));
+                    if sent.await.is_err() {
                         break;
                     }
                 }
@@ -285,7 +286,7 @@ async fn acknowledge_in_order(
         };
         let Some(u) = next else { break };
         let accepted = u.entry.is_record();
-        if finish_commit(&buffer, u.queued, vec![u.entry], &cancel, "mqtt")
+        if finish_commit(&buffer, u.queued, vec![u.entry], &cancel, "mqtt", &heartbeat)
             .await
             .is_none()
         {

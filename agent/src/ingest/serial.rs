@@ -169,7 +169,10 @@ impl SerialIngest {
                     continue;
                 }
                 let readings = entries.iter().filter(|e| e.is_record()).count() as u64;
-                if commit(&self.buffer, entries, &cancel, "serial").await.is_none() {
+                if commit(&self.buffer, entries, &cancel, "serial", &heartbeat)
+                    .await
+                    .is_none()
+                {
                     break None;
                 }
                 self.metrics.accepted("serial", readings);

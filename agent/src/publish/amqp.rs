@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+/// Connecting, opening the channel and declaring the topology, at most: a broker that
+/// answers none of it is an outage, retried with backoff.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for outstanding confirms.
 const CONFIRM_DRAIN: Duration = Duration::from_secs(3);
 /// Rows read from the buffer per query.
@@ -97,13 +100,14 @@ impl AmqpPublisher {
         let mut down_since: Option<Instant> = None;
         let target = crate::config::redact_url(self.cfg.url.expose());
         let mut state = State::Connecting;
-        // Waits for the broker (backoff, confirms) are idle time; connecting is bounded, and
-        // a publish or a buffer call that never ends stops the heartbeat (see watchdog).
+        // Waits for the broker (connecting, bounded by CONNECT_TIMEOUT; backoff; confirms)
+        // are idle time; a publish or a buffer call that never ends stops the heartbeat (see
+        // watchdog).
         let heartbeat = self.metrics.stages.register("publisher");
         loop {
             heartbeat.beat();
             state = match state {
-                State::Connecting => match self.connect().await {
+                State::Connecting => match heartbeat.idle(self.connect()).await {
                     Ok(session) => {
                         backoff.reset();
                         self.metrics.amqp_connected.set(1);
@@ -161,6 +165,16 @@ impl AmqpPublisher {
     }
 
     async fn connect(&self) -> Result<Session, Error> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.open_session())
+            .await
+            .map_err(|_| {
+                Error::Broker(format!(
+                    "no session within {CONNECT_TIMEOUT:?} (connect, channel, topology)"
+                ))
+            })?
+    }
+
+    async fn open_session(&self) -> Result<Session, Error> {
         crate::tls::install_crypto_provider();
         let props = ConnectionProperties::default().with_connection_name(self.connection_name.clone().into());
         let url = with_frame_max(self.cfg.url.expose(), self.cfg.frame_max_bytes);
