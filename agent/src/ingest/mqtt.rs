@@ -73,8 +73,9 @@ impl MqttIngest {
         let (client, mut eventloop) = AsyncClient::new(self.options.clone(), self.cfg.max_uncommitted + 16);
         let tracker = TaskTracker::new();
         let (uncommitted_tx, uncommitted_rx) = mpsc::channel(self.cfg.max_uncommitted);
-        // Waits on the broker are idle time; waits on the buffer and the acknowledger are
-        // not, so a wedged stage stops the heartbeat (see watchdog).
+        // Waits on the broker, and on a buffer that is full until the broker takes messages,
+        // are idle time for the watchdog; a commit that never answers stops the
+        // acknowledger's heartbeat (see watchdog).
         let heartbeat = self.metrics.stages.register("mqtt ingest");
         tracker.spawn(acknowledge_in_order(
             self.metrics.stages.register("mqtt acknowledger"),
