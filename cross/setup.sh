@@ -29,7 +29,9 @@ done
 sources=/etc/apt/sources.list.d/debian.sources
 # If anything below fails, put the stanza back as it was: a stanza naming an architecture
 # whose index is broken makes apt ignore bookworm-security for every package on the machine.
+added_archs=()
 restore_sources() {
+  for a in "${added_archs[@]}"; do dpkg --remove-architecture "$a" 2>/dev/null || true; done
   if [ -f "$sources.cross-setup" ]; then
     mv "$sources.cross-setup" "$sources"
     apt-get update -qq >/dev/null 2>&1 || true
@@ -70,7 +72,7 @@ PY
 fi
 
 for a in "${archs[@]}"; do
-  dpkg --print-foreign-architectures | grep -qx "$a" || dpkg --add-architecture "$a"
+  dpkg --print-foreign-architectures | grep -qx "$a" || { dpkg --add-architecture "$a"; added_archs+=("$a"); }
 done
 # apt-get update exits 0 on some index failures; its warnings are what tell.
 if ! apt-get update -qq >/tmp/cross-setup-update.log 2>&1 || grep -q "^[EW]: .*bookworm-security" /tmp/cross-setup-update.log; then
