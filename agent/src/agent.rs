@@ -5,6 +5,10 @@
 //! 2. the publisher stops loading, waits briefly for outstanding confirms and releases them;
 //! 3. the buffer's writer commits what it has, checkpoints and closes.
 //!
+//! Under systemd (`Type=notify`), `READY=1` goes out once every stage has started and
+//! `STOPPING=1` when shutdown begins; in between, [`crate::watchdog`] sends keep-alives
+//! only while the pipeline makes progress.
+//!
 //! Nothing is lost at any step: what was not acknowledged upstream is redelivered by the
 //! broker or device, and what was not confirmed downstream stays in the buffer.
 
@@ -17,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::publish::amqp::AmqpPublisher;
 use crate::publish::memory::MemoryPublisher;
 use crate::rules::{RuleKind, RuleSet};
+use crate::watchdog::{self, Notice, Notifier};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +62,8 @@ pub struct Agent {
     output: TaskTracker,
     output_cancel: CancellationToken,
     admin_cancel: CancellationToken,
+    watchdog_cancel: CancellationToken,
+    notifier: Notifier,
     writer: buffer::WriterThread,
     buffer: Buffer,
 }
@@ -127,6 +134,15 @@ impl Agent {
                 }
             });
         }
+        let notifier = Notifier::systemd();
+        let watchdog_cancel = CancellationToken::new();
+        tokio::spawn(watchdog::run(
+            metrics.clone(),
+            config.watchdog.clone(),
+            notifier.clone(),
+            watchdog_cancel.clone(),
+        ));
+        notifier.send(&[Notice::Ready]);
         tracing::info!(
             gateway = %config.gateway.id,
             data_dir = %data_dir.display(),
@@ -144,6 +160,8 @@ impl Agent {
             output,
             output_cancel,
             admin_cancel,
+            watchdog_cancel,
+            notifier,
             writer,
             buffer,
         })
@@ -152,6 +170,11 @@ impl Agent {
     /// Stops in order: ingest, publisher, buffer.
     pub async fn shutdown(self) {
         tracing::info!("stopping: ingest first, then the publisher, then the buffer");
+        // Shutdown is bounded by STAGE_GRACE per step (well inside the unit's
+        // TimeoutStopSec), so keep-alives end here.
+        self.notifier
+            .send(&[Notice::Stopping, Notice::Status("stopping".into())]);
+        self.watchdog_cancel.cancel();
         self.ingest_cancel.cancel();
         self.ingest.close();
         if tokio::time::timeout(STAGE_GRACE, self.ingest.wait()).await.is_err() {

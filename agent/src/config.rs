@@ -53,6 +53,7 @@ pub struct Config {
     pub buffer: BufferConfig,
     pub amqp: AmqpConfig,
     pub admin: AdminConfig,
+    pub watchdog: WatchdogConfig,
     /// Defect rules, one `[[rules]]` table each.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<crate::rules::RuleConfig>,
@@ -325,6 +326,31 @@ impl Default for AdminConfig {
     }
 }
 
+/// What the systemd watchdog checks before each keep-alive (see `watchdog`). Without
+/// `WatchdogSec=` in the unit the checks still run and a failure is logged.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogConfig {
+    /// A stage loop (MQTT ingest, a serial port, the publisher) silent this long is stuck.
+    /// Waits on a broker, a port or a backoff do not count as silence.
+    #[serde(with = "humantime_serde")]
+    pub stage_timeout: Duration,
+    /// With messages in the buffer and the publisher connected, this much connected time
+    /// without one message leaving the buffer means the publisher is stuck. Time
+    /// disconnected (a broker outage) is not counted.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            stage_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
 /// Configuration that cannot be used, with every problem found.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -522,6 +548,16 @@ impl Config {
         }
         if let Some(db) = &self.connector.db {
             db.validate("connector.db", &mut p);
+        }
+        let w = &self.watchdog;
+        if w.stage_timeout < Duration::from_secs(10) {
+            p.push("watchdog.stage_timeout: must be at least 10s (stage loops beat every 2s)".into());
+        }
+        if self.amqp.enabled && w.stall_timeout <= self.amqp.confirm_timeout {
+            p.push(format!(
+                "watchdog.stall_timeout: must be longer than amqp.confirm_timeout ({}), or a slow confirm restarts the agent",
+                humantime::format_duration(self.amqp.confirm_timeout)
+            ));
         }
         if self.admin.enabled && self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(

@@ -20,6 +20,7 @@
 //! - [`connectors`]: beside the data path, `edgecase connector ...`: the Salesforce Case
 //!   connector and [`connectors::db`], which moves messages between the broker and an SQL
 //!   database.
+//! - [`watchdog`]: systemd readiness, and keep-alives only while the pipeline makes progress.
 //! - `demo` (feature `demo`): the whole path on one machine with an embedded broker.
 //!
 //! Errors: each library module has its own `thiserror` enum whose variants say whether to
@@ -39,3 +40,4 @@ pub mod publish;
 pub mod reading;
 pub mod rules;
 pub mod tls;
+pub mod watchdog;

@@ -10,7 +10,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
@@ -73,8 +72,8 @@ pub struct Metrics {
     pub amqp_connected: Gauge,
     /// Seconds from the reading's commit in the buffer to the broker's confirm.
     pub publish_latency_seconds: Histogram,
-    /// Bumped by every stage loop that made progress; the watchdog reads it.
-    pub progress: Gauge<u64, AtomicU64>,
+    /// Each stage loop's heartbeat, for the watchdog (not exported).
+    pub stages: crate::watchdog::Stages,
     /// The Salesforce connector's series (`edgecase_salesforce_*`).
     pub salesforce: crate::connectors::salesforce::metrics::SalesforceMetrics,
 }
@@ -107,7 +106,7 @@ impl Metrics {
             publish_in_flight: Gauge::default(),
             amqp_connected: Gauge::default(),
             publish_latency_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
-            progress: Gauge::default(),
+            stages: Default::default(),
             salesforce: Default::default(),
             registry: Registry::default(),
         };
@@ -284,10 +283,6 @@ impl Metrics {
                 })
                 .inc_by(n);
         }
-    }
-
-    pub fn made_progress(&self) {
-        self.progress.inc();
     }
 }
 

@@ -218,9 +218,25 @@ pub fn write_toml(path: &Path, config: &Value) {
     std::fs::write(path, text).expect("write config");
 }
 
+/// The command that runs `edgecase`: the binary Cargo built, or `EDGECASE_BIN` when set: a
+/// program and its leading arguments, split on spaces, e.g. `qemu-aarch64-static
+/// target/cross/aarch64-unknown-linux-gnu/release/edgecase` to test the ARM build.
+/// (qemu-user runs the guest in its own process: signals and `kill -9` reach the agent.)
+pub fn edgecase_command() -> Command {
+    match std::env::var("EDGECASE_BIN") {
+        Ok(spec) if !spec.trim().is_empty() => {
+            let mut words = spec.split_whitespace();
+            let mut cmd = Command::new(words.next().unwrap_or_default());
+            cmd.args(words);
+            cmd
+        }
+        _ => Command::new(env!("CARGO_BIN_EXE_edgecase")),
+    }
+}
+
 /// Runs the `edgecase` binary with `args` to completion, killed after `timeout`.
 pub async fn run_cli(args: &[&str], timeout: Duration) -> Result<std::process::Output, String> {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_edgecase"));
+    let mut cmd = tokio::process::Command::from(edgecase_command());
     cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
     clean_env(cmd.as_std_mut());
     match tokio::time::timeout(timeout, cmd.output()).await {
@@ -230,11 +246,13 @@ pub async fn run_cli(args: &[&str], timeout: Duration) -> Result<std::process::O
     }
 }
 
-/// The agent must see only the test's config: no `EDGECASE__*` overrides or `RUST_LOG` from
-/// the developer's shell.
+/// The agent must see only the test's config: no `EDGECASE__*` overrides, `RUST_LOG` or
+/// systemd variables from the developer's shell.
 fn clean_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("EDGECASE") || key == "RUST_LOG" || key == "STATE_DIRECTORY" {
+        let k = key.to_string_lossy();
+        let systemd = k == "NOTIFY_SOCKET" || k.starts_with("WATCHDOG_") || k == "STATE_DIRECTORY";
+        if k.starts_with("EDGECASE") || k == "RUST_LOG" || systemd {
             cmd.env_remove(key);
         }
     }
@@ -248,10 +266,17 @@ pub struct Agent {
     log_path: PathBuf,
     pub admin: SocketAddr,
     pub starts: u32,
+    /// Extra environment for every start (e.g. systemd's NOTIFY_SOCKET).
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     pub fn start(bed: &TestBed) -> Agent {
+        Self::start_with_env(bed, &[])
+    }
+
+    /// As [`Agent::start`], with these variables added to the agent's environment.
+    pub fn start_with_env(bed: &TestBed, env: &[(&str, &str)]) -> Agent {
         let mut agent = Agent {
             child: None,
             config_path: bed.config_path(),
@@ -259,6 +284,7 @@ impl Agent {
             log_path: bed.log_path(),
             admin: bed.admin,
             starts: 0,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         agent.spawn();
         agent
@@ -273,7 +299,7 @@ impl Agent {
             .open(&self.log_path)
             .expect("open agent log");
         writeln!(log, "===== edgecase run, start #{} =====", self.starts).expect("write agent log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgecase"));
+        let mut cmd = edgecase_command();
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -283,6 +309,7 @@ impl Agent {
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log);
         clean_env(&mut cmd);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(cmd.spawn().expect("spawn edgecase"));
     }
 

@@ -21,3 +21,4 @@ mod rules;
 mod salesforce;
 mod serial;
 mod sim;
+mod systemd;

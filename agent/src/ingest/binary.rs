@@ -13,6 +13,7 @@ use super::{Route, commit, record};
 use crate::buffer::{Buffer, Entry, NewDeadLetter};
 use crate::metrics::Metrics;
 use crate::reading::{Reading, format_ms, frame_message_id, now_ms};
+use crate::watchdog::Heartbeat;
 use edgecase_protocol::{self as protocol, Ack, Data, DecodeError, Deframer, Message, NackReason, RawFrame};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -91,16 +92,24 @@ impl BinaryPort {
 
     /// Reads, commits and answers frames until the port fails (`Some(reason)`) or the agent
     /// stops (`None`).
-    pub async fn session<S>(&mut self, stream: &mut S, buffer: &Buffer, cancel: &CancellationToken) -> Option<String>
+    pub async fn session<S>(
+        &mut self,
+        stream: &mut S,
+        buffer: &Buffer,
+        cancel: &CancellationToken,
+        heartbeat: &Heartbeat,
+    ) -> Option<String>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut deframer = Deframer::default();
         let mut buf = vec![0u8; 4096];
         loop {
+            heartbeat.beat();
+            // A quiet port is idle time; a commit that never ends is not.
             let n = tokio::select! {
                 _ = cancel.cancelled() => return None,
-                r = stream.read(&mut buf) => r,
+                r = heartbeat.idle(stream.read(&mut buf)) => r,
             };
             let n = match n {
                 Ok(0) => return Some("end of stream".to_string()),
@@ -113,7 +122,7 @@ impl BinaryPort {
             }
             let batch = self.decode(frames, now_ms());
             if !batch.entries.is_empty() {
-                commit(buffer, batch.entries.clone(), cancel, "serial").await?;
+                commit(buffer, batch.entries.clone(), cancel, "serial", heartbeat).await?;
             }
             self.committed(&batch);
             let mut out = Vec::new();
@@ -249,7 +258,6 @@ impl BinaryPort {
         self.metrics.serial_frame(&self.path, "acked", batch.acked);
         self.metrics.serial_frame(&self.path, "duplicate", batch.duplicates);
         self.metrics.serial_frame(&self.path, "nacked", batch.nacked);
-        self.metrics.made_progress();
     }
 }
 

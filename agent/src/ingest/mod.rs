@@ -10,6 +10,7 @@ pub mod serial;
 use crate::buffer::{self, Buffer, Entry, NewDeadLetter, NewRecord};
 use crate::metrics::Metrics;
 use crate::reading::{Origin, Reading, RejectReason};
+use crate::watchdog::Heartbeat;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -74,14 +75,18 @@ pub fn reason_class(r: &RejectReason) -> &'static str {
 /// Appends `entries`, waiting while the buffer is full (back-pressure) and retrying storage
 /// errors, until committed or cancelled. Returns `None` only when cancelled: the input was
 /// not committed and must not be acknowledged.
+///
+/// For the watchdog, waiting for room (the broker has to take messages first) and the pause
+/// between retries are idle time and beat `heartbeat`; a commit that never answers is not.
 pub async fn commit(
     buffer: &Buffer,
     entries: Vec<Entry>,
     cancel: &CancellationToken,
     what: &str,
+    heartbeat: &Heartbeat,
 ) -> Option<buffer::AppendReport> {
     let queued = buffer.queue(entries.clone()).await;
-    finish_commit(buffer, queued, entries, cancel, what).await
+    finish_commit(buffer, queued, entries, cancel, what, heartbeat).await
 }
 
 /// Waits for an append already queued (in arrival order) and, if it was refused or
@@ -92,6 +97,7 @@ pub async fn finish_commit(
     entries: Vec<Entry>,
     cancel: &CancellationToken,
     what: &str,
+    heartbeat: &Heartbeat,
 ) -> Option<buffer::AppendReport> {
     let mut logged = false;
     let mut attempt = match queued {
@@ -124,7 +130,7 @@ pub async fn finish_commit(
         };
         tokio::select! {
             _ = cancel.cancelled() => return None,
-            _ = wait => {}
+            _ = heartbeat.idle(wait) => {}
         }
         attempt = buffer.append(entries.clone()).await;
     }

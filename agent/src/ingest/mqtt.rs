@@ -73,7 +73,12 @@ impl MqttIngest {
         let (client, mut eventloop) = AsyncClient::new(self.options.clone(), self.cfg.max_uncommitted + 16);
         let tracker = TaskTracker::new();
         let (uncommitted_tx, uncommitted_rx) = mpsc::channel(self.cfg.max_uncommitted);
+        // Waits on the broker, and on a buffer that is full until the broker takes messages,
+        // are idle time for the watchdog; a commit that never answers stops the
+        // acknowledger's heartbeat (see watchdog).
+        let heartbeat = self.metrics.stages.register("mqtt ingest");
         tracker.spawn(acknowledge_in_order(
+            self.metrics.stages.register("mqtt acknowledger"),
             uncommitted_rx,
             client.clone(),
             self.buffer.clone(),
@@ -90,9 +95,10 @@ impl MqttIngest {
         tracing::info!(%broker, client_id = self.options.client_id(), topics = ?self.cfg.topics, "MQTT ingest starting");
 
         loop {
+            heartbeat.beat();
             let event = tokio::select! {
                 _ = cancel.cancelled() => break,
-                e = eventloop.poll() => e,
+                e = heartbeat.idle(eventloop.poll()) => e,
             };
             match event {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -103,12 +109,13 @@ impl MqttIngest {
                     // must reach the acknowledger, or it would be stored and never
                     // acknowledged, and the broker would deliver it again. Both waits end,
                     // as the writer and the acknowledger keep draining.
-                    let queued = self.buffer.queue(vec![entry.clone()]).await;
-                    if uncommitted_tx
-                        .send(Uncommitted { publish, entry, queued })
-                        .await
-                        .is_err()
-                    {
+                    //
+                    // For the watchdog these waits are idle time: while the buffer is full
+                    // (the broker is away) the acknowledger holds input and the queues
+                    // fill. A commit that never answers stops the acknowledger's heartbeat.
+                    let queued = heartbeat.idle(self.buffer.queue(vec![entry.clone()])).await;
+                    let sent = heartbeat.idle(uncommitted_tx.send(Uncommitted { publish, entry, queued }));
+                    if sent.await.is_err() {
                         break;
                     }
                 }
@@ -151,7 +158,7 @@ impl MqttIngest {
                     let delay = backoff.next_delay();
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = heartbeat.idle(tokio::time::sleep(delay)) => {}
                     }
                 }
             }
@@ -245,6 +252,7 @@ struct Uncommitted {
 /// that keeps more than 1,000 messages in flight), so acknowledgements that do not fit yet
 /// wait in a local queue of 2-byte packet ids while this task keeps draining its input.
 async fn acknowledge_in_order(
+    heartbeat: crate::watchdog::Heartbeat,
     mut uncommitted: mpsc::Receiver<Uncommitted>,
     client: AsyncClient,
     buffer: Buffer,
@@ -270,14 +278,16 @@ async fn acknowledge_in_order(
         false
     };
     loop {
+        heartbeat.beat();
         let blocked = send_acks(&mut unsent);
         let next = tokio::select! {
-            u = uncommitted.recv() => u,
+            // An empty channel means no input: idle, not stuck.
+            u = heartbeat.idle(uncommitted.recv()) => u,
             _ = tokio::time::sleep(Duration::from_millis(2)), if blocked => continue,
         };
         let Some(u) = next else { break };
         let accepted = u.entry.is_record();
-        if finish_commit(&buffer, u.queued, vec![u.entry], &cancel, "mqtt")
+        if finish_commit(&buffer, u.queued, vec![u.entry], &cancel, "mqtt", &heartbeat)
             .await
             .is_none()
         {
@@ -287,7 +297,6 @@ async fn acknowledge_in_order(
         if accepted {
             metrics.accepted("mqtt", 1);
         }
-        metrics.made_progress();
         // QoS 0 messages have nothing to acknowledge.
         if u.publish.qos != QoS::AtMostOnce {
             unsent.push_back(u.publish.pkid);

@@ -15,6 +15,7 @@ use crate::buffer::{Buffer, Entry, NewDeadLetter};
 use crate::config::{Config, SerialFraming, SerialPortConfig};
 use crate::metrics::{Metrics, PortLabel};
 use crate::reading::{Origin, now_ms};
+use crate::watchdog::Heartbeat;
 use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio_serial::SerialPortBuilderExt;
@@ -133,7 +134,10 @@ impl SerialIngest {
                 self.metrics.clone(),
             )
         });
+        // A quiet port and the reopen backoff are idle time; a commit that never ends is not.
+        let heartbeat = self.metrics.stages.register(&format!("serial port {path}"));
         while !cancel.is_cancelled() {
+            heartbeat.beat();
             let opened = tokio_serial::new(&path, self.port.baud_rate).open_native_async();
             let mut stream = match opened {
                 Ok(s) => s,
@@ -145,7 +149,7 @@ impl SerialIngest {
                     let delay = backoff.next_delay();
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => continue,
+                        _ = heartbeat.idle(tokio::time::sleep(delay)) => continue,
                     }
                 }
             };
@@ -156,8 +160,8 @@ impl SerialIngest {
             self.metrics.serial_port_open.get_or_create(&label).set(1);
             backoff.reset();
             let reason = match binary.as_mut() {
-                Some(b) => b.session(&mut stream, &self.buffer, &cancel).await,
-                None => self.json_lines(&mut stream, &cancel, &path).await,
+                Some(b) => b.session(&mut stream, &self.buffer, &cancel, &heartbeat).await,
+                None => self.json_lines(&mut stream, &cancel, &path, &heartbeat).await,
             };
             self.metrics.serial_port_open.get_or_create(&label).set(0);
             match reason {
@@ -169,7 +173,7 @@ impl SerialIngest {
                     let delay = backoff.next_delay();
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = heartbeat.idle(tokio::time::sleep(delay)) => {}
                     }
                 }
             }
@@ -183,13 +187,15 @@ impl SerialIngest {
         stream: &mut tokio_serial::SerialStream,
         cancel: &CancellationToken,
         path: &str,
+        heartbeat: &Heartbeat,
     ) -> Option<String> {
         let mut splitter = LineSplitter::new(self.port.max_line_bytes);
         let mut buf = vec![0u8; 4096];
         loop {
+            heartbeat.beat();
             let n = tokio::select! {
                 _ = cancel.cancelled() => return None,
-                r = stream.read(&mut buf) => r,
+                r = heartbeat.idle(stream.read(&mut buf)) => r,
             };
             let n = match n {
                 Ok(0) => return Some("end of stream".to_string()),
@@ -205,9 +211,8 @@ impl SerialIngest {
                 continue;
             }
             let readings = entries.iter().filter(|e| e.is_record()).count() as u64;
-            commit(&self.buffer, entries, cancel, "serial").await?;
+            commit(&self.buffer, entries, cancel, "serial", heartbeat).await?;
             self.metrics.accepted("serial", readings);
-            self.metrics.made_progress();
         }
     }
 

@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+/// Connecting, opening the channel and declaring the topology, at most: a broker that
+/// answers none of it is an outage, retried with backoff.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for outstanding confirms.
 const CONFIRM_DRAIN: Duration = Duration::from_secs(3);
 /// Rows read from the buffer per query.
@@ -97,9 +100,14 @@ impl AmqpPublisher {
         let mut down_since: Option<Instant> = None;
         let target = crate::config::redact_url(self.cfg.url.expose());
         let mut state = State::Connecting;
+        // Waits for the broker (connecting, bounded by CONNECT_TIMEOUT; backoff; confirms)
+        // are idle time; a publish or a buffer call that never ends stops the heartbeat (see
+        // watchdog).
+        let heartbeat = self.metrics.stages.register("publisher");
         loop {
+            heartbeat.beat();
             state = match state {
-                State::Connecting => match self.connect().await {
+                State::Connecting => match heartbeat.idle(self.connect()).await {
                     Ok(session) => {
                         backoff.reset();
                         self.metrics.amqp_connected.set(1);
@@ -124,7 +132,7 @@ impl AmqpPublisher {
                     }
                 },
                 State::Publishing(session) => {
-                    let result = self.publish(&session, &cancel).await;
+                    let result = self.publish(&session, &cancel, &heartbeat).await;
                     self.metrics.amqp_connected.set(0);
                     self.metrics.publish_in_flight.set(0);
                     // Best effort: the broker may already be gone.
@@ -145,7 +153,7 @@ impl AmqpPublisher {
                 }
                 State::Waiting(delay) => tokio::select! {
                     _ = cancel.cancelled() => State::Stopped,
-                    _ = tokio::time::sleep(delay) => State::Connecting,
+                    _ = heartbeat.idle(tokio::time::sleep(delay)) => State::Connecting,
                 },
                 State::Stopped => break,
             };
@@ -157,6 +165,16 @@ impl AmqpPublisher {
     }
 
     async fn connect(&self) -> Result<Session, Error> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.open_session())
+            .await
+            .map_err(|_| {
+                Error::Broker(format!(
+                    "no session within {CONNECT_TIMEOUT:?} (connect, channel, topology)"
+                ))
+            })?
+    }
+
+    async fn open_session(&self) -> Result<Session, Error> {
         crate::tls::install_crypto_provider();
         let props = ConnectionProperties::default().with_connection_name(self.connection_name.clone().into());
         let url = with_frame_max(self.cfg.url.expose(), self.cfg.frame_max_bytes);
@@ -171,7 +189,12 @@ impl AmqpPublisher {
     }
 
     /// Publishes until cancelled (`Ok`) or the session fails (`Err`).
-    async fn publish(&self, session: &Session, cancel: &CancellationToken) -> Result<(), Error> {
+    async fn publish(
+        &self,
+        session: &Session,
+        cancel: &CancellationToken,
+        heartbeat: &crate::watchdog::Heartbeat,
+    ) -> Result<(), Error> {
         let max = self.cfg.max_in_flight;
         let mut cursor = 0i64;
         let mut in_flight = FuturesOrdered::new();
@@ -179,6 +202,7 @@ impl AmqpPublisher {
         let mut releases: JoinSet<Result<(), crate::buffer::Error>> = JoinSet::new();
         let mut confirmed: Vec<i64> = Vec::new();
         let result = loop {
+            heartbeat.beat();
             // Fill the window from the buffer.
             let mut loaded_all = true;
             if in_flight.len() < max && !cancel.is_cancelled() {
@@ -228,6 +252,9 @@ impl AmqpPublisher {
                 }
                 _ = self.buffer.wait_for_data(), if loaded_all && in_flight.len() < max => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)), if loaded_all => {}
+                // A full window waits on the broker's confirms (bounded by confirm_timeout):
+                // go round now and then so the heartbeat shows the loop alive.
+                _ = tokio::time::sleep(crate::watchdog::BEAT_EVERY), if !loaded_all => {}
             }
             if !confirmed.is_empty() {
                 let ids = std::mem::take(&mut confirmed);
@@ -265,7 +292,6 @@ impl AmqpPublisher {
             Confirmation::Ack(None) | Confirmation::NotRequested => {
                 confirmed.push(id);
                 self.metrics.publish_confirmed.inc();
-                self.metrics.made_progress();
                 let age_ms = crate::reading::now_ms().saturating_sub(created_ms).max(0);
                 self.metrics.publish_latency_seconds.observe(age_ms as f64 / 1000.0);
                 Ok(())
