@@ -261,6 +261,10 @@ async fn demo(args: DemoArgs) -> Result<()> {
     for subject in &s.case_subjects {
         println!("  case: {subject}");
     }
+    println!("  cases in Salesforce {}", s.salesforce_cases.len());
+    for c in &s.salesforce_cases {
+        println!("  salesforce: {c}");
+    }
     Ok(())
 }
 

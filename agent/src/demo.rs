@@ -5,8 +5,10 @@
 //! humidity sensor out of range, a stuck pressure sensor, a meter that goes silent, a
 //! device sending garbage). The agent runs exactly as `edgecase run` would, with the rules
 //! of `examples/gateway.toml`: ingest, SQLite buffer, rules, publisher. The publisher hands
-//! messages to an in-process queue (or, with `--amqp`, to a real RabbitMQ). Live counts
-//! while it runs, a summary at the end.
+//! messages to an in-process queue (or, with `--amqp`, to a real RabbitMQ). The cases go on
+//! to a local Salesforce emulator: from the in-process queue through the Salesforce
+//! connector's upserts, or with `--amqp` through the connector itself consuming RabbitMQ.
+//! Live counts while it runs, each Case as it appears in the emulator, a summary at the end.
 //!
 //! This module is compiled only with the `demo` feature, which the gateway build leaves
 //! out: the embedded broker is a large dependency that a gateway does not need.
@@ -57,6 +59,8 @@ pub struct Summary {
     pub dead_letters: u64,
     pub pending_at_exit: u64,
     pub case_subjects: Vec<String>,
+    /// The Cases in the Salesforce emulator at the end: number, status, subject.
+    pub salesforce_cases: Vec<String>,
 }
 
 /// Runs the demo until Ctrl-C, SIGTERM or the duration, and returns what happened.
@@ -89,6 +93,19 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     }
     config.validate().map_err(|p| Error::Setup(p.join("; ")))?;
 
+    // The Salesforce leg: a local emulator and a division per rule division.
+    let emulator = salesforce_emulator::Emulator::start(
+        salesforce_emulator::EmulatorConfig::default(),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await
+    .map_err(|e| Error::Setup(e.to_string()))?;
+    let sf_queues: Vec<String> = ["facilities", "field-service"]
+        .iter()
+        .map(|d| format!("edgecase.demo.salesforce.{d}.{}", std::process::id()))
+        .collect();
+    let sf_config = salesforce_config(emulator.url(), &sf_queues, &config)?;
+
     let (data_dir, temporary) = match &opts.data_dir {
         Some(d) => (d.clone(), false),
         None => (
@@ -107,6 +124,27 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     };
     let agent = Agent::start_with(&config, data_dir.clone(), output).await?;
     let metrics = agent.metrics.clone();
+    // Through RabbitMQ, the connector consumes its own queues; in-process, the consumer
+    // below hands each case to the same upserts.
+    let (connector, direct) = if opts.amqp.is_some() {
+        match crate::connectors::salesforce::start(sf_config.clone(), metrics.clone()).await {
+            Ok(c) => (Some(c), None),
+            Err(e) => {
+                agent.shutdown().await;
+                return Err(Error::Setup(format!("{e}: {}", error_chain(&e))));
+            }
+        }
+    } else {
+        match crate::connectors::salesforce::direct::DirectSink::start(&sf_config).await {
+            Ok(d) => (None, Some(std::sync::Arc::new(d))),
+            Err(e) => {
+                agent.shutdown().await;
+                return Err(Error::Setup(format!("{e}: {}", error_chain(&e))));
+            }
+        }
+    };
+    let changes = emulator.org.subscribe_changes();
+    let printer = tokio::spawn(print_salesforce_changes(changes));
     println!(
         "edgecase demo: embedded MQTT broker on 127.0.0.1:{broker_port}, serial device on {}",
         pty_path.display()
@@ -119,13 +157,18 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
             .map(crate::config::redact_url)
             .unwrap_or_else(|| "an in-process queue".into())
     );
+    println!(
+        "edgecase demo: Salesforce emulator on {} takes the cases (inspect: curl {}/__emulator/records/Case)",
+        emulator.url(),
+        emulator.url()
+    );
     println!("edgecase demo: rules from examples/gateway.toml; some devices misbehave on purpose. Ctrl-C to stop.");
 
     let devices = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(mqtt_devices(broker_port, devices.clone()));
     tasks.spawn(serial_device(pty, devices.clone()));
-    let consumer = tokio::spawn(consume(deliveries_rx));
+    let consumer = tokio::spawn(consume(deliveries_rx, direct));
 
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut every = tokio::time::interval(opts.report_every);
@@ -142,6 +185,26 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     devices.cancel();
     while tasks.join_next().await.is_some() {}
     let seen = consumer.await.unwrap_or_default();
+    if let Some(c) = connector {
+        // Give cases published at the end the time to reach the emulator.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::Instant::now() < deadline && salesforce_busy(&metrics) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.shutdown().await;
+        if let Some(url) = &opts.amqp {
+            delete_queues(url, &sf_queues).await;
+        }
+    }
+    printer.abort();
+    let salesforce_cases = emulator
+        .cases()
+        .iter()
+        .map(|c| {
+            let f = |k: &str| c.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+            format!("{} {:<6} {}", f("CaseNumber"), f("Status"), f("Subject"))
+        })
+        .collect();
     let summary = Summary {
         readings_in: metrics.ingest_readings.get_or_create(&source("mqtt")).get()
             + metrics.ingest_readings.get_or_create(&source("serial")).get(),
@@ -151,6 +214,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
         dead_letters: metrics.buffer_dead_letters.get().max(0) as u64,
         pending_at_exit: metrics.buffer_pending_readings.get().max(0) as u64,
         case_subjects: seen,
+        salesforce_cases,
     };
     if temporary {
         let _ = std::fs::remove_dir_all(&data_dir);
@@ -194,9 +258,101 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// The demo's stand-in for the broker's consumers: prints each case it would send to
-/// Salesforce, counts the rest. Returns the subjects of the cases raised.
-async fn consume(mut rx: mpsc::Receiver<Delivery>) -> Vec<String> {
+/// The Salesforce connector's configuration for the demo: the emulator's default app and
+/// user, one division per rule division.
+fn salesforce_config(
+    url: &str,
+    queues: &[String],
+    config: &Config,
+) -> Result<crate::connectors::salesforce::config::Resolved, Error> {
+    let division = |name: &str, queue: &str| {
+        serde_json::json!({
+            "name": name, "username": "integration@edgecase.example", "password": "password",
+            "security_token": "TOKEN", "queue": queue,
+            "defaults": {"Origin": "Edgecase", "Status": "New"},
+            "mapping": {"Device__c": "device_id", "Sensor__c": "sensor", "Rule__c": "rule", "Gateway__c": "gateway_id"}
+        })
+    };
+    let raw: crate::connectors::salesforce::config::SalesforceConfig = serde_json::from_value(serde_json::json!({
+        "tenant": {"client_id": "edgecase-client-id", "client_secret": "edgecase-client-secret", "login_url": url},
+        "divisions": [division("facilities", &queues[0]), division("field-service", &queues[1])]
+    }))
+    .map_err(|e| Error::Setup(format!("Salesforce config: {e}")))?;
+    raw.resolve("salesforce", &config.amqp)
+        .map_err(|p| Error::Setup(p.join("; ")))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+fn salesforce_busy(m: &Metrics) -> bool {
+    m.encode()
+        .lines()
+        .filter(|l| l.starts_with("edgecase_salesforce_in_flight{"))
+        .any(|l| !l.ends_with(" 0"))
+}
+
+async fn delete_queues(url: &str, queues: &[String]) {
+    let Ok(Ok(conn)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+    )
+    .await
+    else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in queues {
+            for name in [q.clone(), format!("{q}.dlq")] {
+                let _ = ch
+                    .queue_delete(name.as_str().into(), lapin::options::QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+    }
+    let _ = conn.close(200, "demo done".into()).await;
+}
+
+/// Prints each Case as the emulator creates or updates it.
+async fn print_salesforce_changes(
+    mut changes: tokio::sync::broadcast::Receiver<salesforce_emulator::org::ChangeEvent>,
+) {
+    use salesforce_emulator::org::ChangeKind;
+    loop {
+        let e = match changes.recv().await {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        let f = |k: &str| e.record.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let what = match e.kind {
+            ChangeKind::Created => "created",
+            ChangeKind::Updated => "updated",
+            ChangeKind::Deleted => "deleted",
+        };
+        println!(
+            "  SALESFORCE Case {} {what} (device {}): Status={:?} Subject={:?}",
+            f("CaseNumber"),
+            f("Device__c"),
+            f("Status"),
+            f("Subject")
+        );
+    }
+}
+
+/// The demo's stand-in for the broker's consumers: prints each case, hands it to the
+/// Salesforce upserts, counts the rest. Returns the subjects of the cases raised.
+async fn consume(
+    mut rx: mpsc::Receiver<Delivery>,
+    salesforce: Option<std::sync::Arc<crate::connectors::salesforce::direct::DirectSink>>,
+) -> Vec<String> {
     let mut subjects = Vec::new();
     while let Some(d) = rx.recv().await {
         if !d.routing_key.starts_with("case.") {
@@ -226,6 +382,15 @@ async fn consume(mut rx: mpsc::Receiver<Delivery>) -> Vec<String> {
                     d.routing_key,
                     short(&case.event_id)
                 )
+            }
+        }
+        if let Some(sink) = &salesforce {
+            match sink.deliver(&d.routing_key, &d.payload).await {
+                Ok(Some(crate::connectors::salesforce::client::Outcome::Rejected(e))) => {
+                    println!("  SALESFORCE refused event {}: {e}", short(&case.event_id))
+                }
+                Ok(_) => {}
+                Err(e) => println!("  SALESFORCE failed for event {}: {e}", short(&case.event_id)),
             }
         }
     }

@@ -55,6 +55,19 @@ async fn demo_runs_a_minute_without_services_and_raises_cases() {
     }
     assert!(dead >= 2, "the garbage inputs are dead-lettered:\n{stdout}");
     assert_eq!(line_value(&stdout, "left in buffer"), 0, "{stdout}");
+    // Every case raised became one Case in the Salesforce emulator; the boiler's clear
+    // closed its Case.
+    assert_eq!(line_value(&stdout, "cases in Salesforce"), raised, "{stdout}");
+    assert!(
+        stdout.contains("SALESFORCE Case 00001001 created (device boiler-1)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("salesforce: 00001001 Closed boiler-1: temp at")),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
@@ -150,6 +163,11 @@ async fn demo_with_amqp_delivers_to_rabbitmq() {
         "readings delivered through RabbitMQ: {readings}\n{stdout}"
     );
     assert!(cases >= 2, "cases delivered through RabbitMQ: {cases}\n{stdout}");
+    // The Salesforce connector consumed its own queues and created the Cases.
+    assert!(
+        line_value(&stdout, "cases in Salesforce") >= 2,
+        "Cases created through RabbitMQ and the connector:\n{stdout}"
+    );
     assert_eq!(
         readings + cases,
         published,
