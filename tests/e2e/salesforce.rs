@@ -633,3 +633,77 @@ async fn a_defect_from_the_rules_becomes_one_salesforce_case_under_edgecase_run(
     drop(agent);
     delete_queues(&[&queue, &format!("{queue}.dlq")]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_unreachable_salesforce_and_bad_keys_fail_at_start_naming_them() {
+    let emulator = Emulator::start(EmulatorConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("emulator");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let cases: [(&str, Value, &[&str]); 4] = [
+        (
+            "wrong password",
+            json!({"tenant": {"client_id": "edgecase-client-id", "client_secret": "edgecase-client-secret", "login_url": emulator.url()},
+                   "divisions": [{"name": "facilities", "username": "integration@edgecase.example", "password": "nope"}]}),
+            &[
+                "division facilities",
+                emulator.url(),
+                "integration@edgecase.example",
+                "invalid_grant",
+            ],
+        ),
+        (
+            "unknown consumer key",
+            json!({"tenant": {"client_id": "who", "client_secret": "x", "login_url": emulator.url()},
+                   "divisions": [{"name": "field", "username": "integration@edgecase.example", "password": "password", "security_token": "TOKEN"}]}),
+            &["division field", "invalid_client_id"],
+        ),
+        (
+            "unreachable login URL",
+            json!({"tenant": {"client_id": "edgecase-client-id", "client_secret": "s", "login_url": closed},
+                   "divisions": [{"name": "facilities", "username": "u@x", "password": "p"}]}),
+            &["division facilities", &closed, "cannot connect"],
+        ),
+        (
+            "unknown key",
+            json!({"tenant": {"client_id": "c", "client_secret": "s", "login_url": emulator.url(), "loginurl": "x"},
+                   "divisions": []}),
+            &["key tenant", "unknown field `loginurl`"],
+        ),
+    ];
+    for (what, config, want) in cases {
+        let path = dir.path().join("bad.json");
+        std::fs::write(&path, config.to_string()).expect("write");
+        let path = path.to_string_lossy().into_owned();
+        let out = run_cli(
+            &["connector", "salesforce", "-i", &path, "--check"],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("edgecase runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        for w in want {
+            assert!(stderr.contains(w), "{what}: want {w:?} in:\n{stderr}");
+        }
+        assert!(
+            !stderr.contains("edgecase-client-secret"),
+            "{what}: a secret leaked:\n{stderr}"
+        );
+    }
+    // And a good one logs in.
+    let path = dir.path().join("good.json");
+    let good = json!({"tenant": {"client_id": "edgecase-client-id", "client_secret": "edgecase-client-secret", "login_url": emulator.url()},
+                      "divisions": [{"name": "facilities", "username": "integration@edgecase.example", "password": "password", "security_token": "TOKEN"}]});
+    std::fs::write(&path, good.to_string()).expect("write");
+    let path = path.to_string_lossy().into_owned();
+    let out = run_cli(
+        &["connector", "salesforce", "-i", &path, "--check"],
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("edgecase runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK, 1 division(s) logged in"));
+}
