@@ -707,3 +707,72 @@ async fn bad_credentials_unreachable_salesforce_and_bad_keys_fail_at_start_namin
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK, 1 division(s) logged in"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_over_https_is_verified_against_the_configured_ca() {
+    let cfg = EmulatorConfig {
+        tls: Some(salesforce_emulator::TlsIdentity::test()),
+        ..EmulatorConfig::default()
+    };
+    let emulator = Emulator::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("emulator");
+    assert!(emulator.url().starts_with("https://127.0.0.1:"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, salesforce_emulator::TEST_TLS_CA).expect("write CA");
+    let config = |ca_file: Option<&std::path::Path>| {
+        let mut c = json!({
+            "tenant": {"client_id": "edgecase-client-id", "client_secret": "edgecase-client-secret", "login_url": emulator.url()},
+            "divisions": [{"name": "facilities", "username": "integration@edgecase.example", "password": "password", "security_token": "TOKEN"}]
+        });
+        if let Some(f) = ca_file {
+            c["tenant"]["ca_file"] = json!(f);
+        }
+        c
+    };
+    // The system's roots do not know the emulator's CA: the handshake must fail.
+    let path = dir.path().join("untrusted.json");
+    std::fs::write(&path, config(None).to_string()).expect("write");
+    let out = run_cli(
+        &["connector", "salesforce", "-i", &path.to_string_lossy(), "--check"],
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("edgecase runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("division facilities") && stderr.to_lowercase().contains("certificate"),
+        "{stderr}"
+    );
+    // With the CA configured, login and REST calls go through.
+    let path = dir.path().join("trusted.json");
+    std::fs::write(&path, config(Some(&ca)).to_string()).expect("write");
+    let out = run_cli(
+        &["connector", "salesforce", "-i", &path.to_string_lossy(), "--check"],
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("edgecase runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let raw: edgecase::connectors::salesforce::config::SalesforceConfig =
+        serde_json::from_value(config(Some(&ca))).expect("config");
+    let resolved = raw.resolve("", &AmqpConfig::default()).expect("valid");
+    let sink = edgecase::connectors::salesforce::direct::DirectSink::start(&resolved)
+        .await
+        .expect("log in over https");
+    let body = case_message("tls-ev-1", "raise", "boiler-1", json!({"Subject": "over https"}));
+    let outcome = sink
+        .deliver("case.facilities", body.to_string().as_bytes())
+        .await
+        .expect("upsert over https");
+    assert!(
+        matches!(
+            outcome,
+            Some(edgecase::connectors::salesforce::client::Outcome::Created(_))
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(text(&emulator.cases()[0], "Subject"), "over https");
+}
