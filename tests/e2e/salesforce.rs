@@ -162,6 +162,25 @@ fn case_message(event: &str, action: &str, device: &str, case: Value) -> Value {
     })
 }
 
+/// Deletes the connector's queues when dropped, even when the test panics.
+struct Queues(Vec<String>);
+
+impl Drop for Queues {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.0);
+        // Its own thread and runtime: this may run while a test's runtime is unwinding.
+        let cleanup = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), delete_queues(&refs)).await;
+                });
+            }
+        });
+        let _ = cleanup.join();
+    }
+}
+
 async fn delete_queues(names: &[&str]) {
     if let Ok(conn) = amqp_connect(Duration::from_secs(5)).await {
         for q in names {
@@ -206,6 +225,7 @@ async fn every_case_becomes_one_salesforce_case_across_kill_dash_nine_expiring_s
         .expect("emulator");
     let queue = format!("{}-sf-facilities", bed.names.base);
     let dlq = format!("{queue}.dlq");
+    let _queues = Queues(vec![queue.clone(), dlq.clone()]);
     let config = json!({
         "tenant": {
             "client_id": "edgecase-client-id",
@@ -351,7 +371,6 @@ async fn every_case_becomes_one_salesforce_case_across_kill_dash_nine_expiring_s
 
     let _ = conn.close(200, "done".into()).await;
     drop(connector);
-    delete_queues(&[&queue, &dlq]).await;
 }
 
 /// Reads every message of `queue` (basic.get), waiting until `n` arrived.
@@ -420,6 +439,15 @@ async fn validation_errors_are_dead_lettered_with_the_salesforce_error() {
         },
         "divisions": [division("single", 1), division("batched", 10)]
     });
+    let _queues = Queues(
+        ["single", "batched"]
+            .iter()
+            .flat_map(|d| {
+                let q = format!("{}-{d}", bed.names.base);
+                [format!("{q}.dlq"), q]
+            })
+            .collect(),
+    );
     let connector = ConnectorProcess::start(bed.dir.path(), &config);
     let (conn, ch) = case_publisher(&bed.names).await;
     let ready = wait_for(Duration::from_secs(20), || async {
@@ -538,14 +566,6 @@ async fn validation_errors_are_dead_lettered_with_the_salesforce_error() {
     );
     let _ = conn.close(200, "done".into()).await;
     drop(connector);
-    let queues: Vec<String> = ["single", "batched"]
-        .iter()
-        .flat_map(|d| {
-            let q = format!("{}-{d}", bed.names.base);
-            [format!("{q}.dlq"), q]
-        })
-        .collect();
-    delete_queues(&queues.iter().map(String::as_str).collect::<Vec<_>>()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -556,6 +576,7 @@ async fn a_defect_from_the_rules_becomes_one_salesforce_case_under_edgecase_run(
         .await
         .expect("emulator");
     let queue = format!("{}-sf", bed.names.base);
+    let _queues = Queues(vec![queue.clone(), format!("{queue}.dlq")]);
     bed.config["rules"] = json!([{
         "name": "hot", "sensors": "temp", "kind": "above", "threshold": 50.0, "clear_level": 40.0,
         "debounce_readings": 2, "division": "facilities",
@@ -631,7 +652,6 @@ async fn a_defect_from_the_rules_becomes_one_salesforce_case_under_edgecase_run(
     );
     mqtt.disconnect().await;
     drop(agent);
-    delete_queues(&[&queue, &format!("{queue}.dlq")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
