@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the third-party Salesforce clients the emulator's faithfulness test drives:
-# Python's simple-salesforce (PyPI). Idempotent and quick when already installed.
+# Installs the third-party Salesforce clients the emulator's faithfulness tests drive:
+# Python's simple-salesforce (PyPI) and jsforce (npm, into salesforce-emulator/tests/jsforce).
+# Idempotent and quick when already installed.
 set -euo pipefail
 
 if ! command -v python3 >/dev/null 2>&1; then
@@ -14,3 +15,13 @@ if ! python3 -c "import simple_salesforce, jwt, cryptography" >/dev/null 2>&1; t
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages simple-salesforce
 fi
 python3 -c "import simple_salesforce" >/dev/null
+
+if ! command -v npm >/dev/null 2>&1; then
+  [ "$(id -u)" = 0 ] || { echo "salesforce-clients: npm is missing; run as root to install it" >&2; exit 1; }
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+JS_DIR="$(dirname "$0")/../salesforce-emulator/tests/jsforce"
+if [ ! -f "$JS_DIR/node_modules/jsforce/package.json" ]; then
+  echo "salesforce-clients: installing jsforce (npm)"
+  (cd "$JS_DIR" && npm install --no-audit --no-fund --silent)
+fi

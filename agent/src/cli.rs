@@ -296,6 +296,10 @@ async fn demo(args: DemoArgs) -> Result<()> {
             path.display()
         );
     }
+    println!("  cases in Salesforce {}", s.salesforce_cases.len());
+    for c in &s.salesforce_cases {
+        println!("  salesforce: {c}");
+    }
     Ok(())
 }
 

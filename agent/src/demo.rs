@@ -7,8 +7,10 @@
 //! of `examples/gateway.toml`: ingest, SQLite buffer, rules, publisher. The publisher hands
 //! messages to an in-process queue (or, with `--amqp`, to a real RabbitMQ). From the
 //! in-process queue, the DB connector's writer stores every reading and case event in a
-//! SQLite database (`--db`, named at the end). Live counts while it runs, a summary at the
-//! end.
+//! SQLite database (`--db`, named at the end), and the cases go on to a local Salesforce
+//! emulator through the Salesforce connector's upserts (with `--amqp`, the connector itself
+//! consumes RabbitMQ). Live counts while it runs, each Case as it appears in the emulator,
+//! a summary at the end.
 //!
 //! This module is compiled only with the `demo` feature, which the gateway build leaves
 //! out: the embedded broker is a large dependency that a gateway does not need.
@@ -64,6 +66,8 @@ pub struct Summary {
     pub case_subjects: Vec<String>,
     /// The SQLite database the DB connector wrote, and its rows: readings, case events.
     pub database: Option<(PathBuf, u64, u64)>,
+    /// The Cases in the Salesforce emulator at the end: number, status, subject.
+    pub salesforce_cases: Vec<String>,
 }
 
 /// Runs the demo until Ctrl-C, SIGTERM or the duration, and returns what happened.
@@ -96,6 +100,19 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     }
     config.validate().map_err(|p| Error::Setup(p.join("; ")))?;
 
+    // The Salesforce leg: a local emulator and a division per rule division.
+    let emulator = salesforce_emulator::Emulator::start(
+        salesforce_emulator::EmulatorConfig::default(),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await
+    .map_err(|e| Error::Setup(e.to_string()))?;
+    let sf_queues: Vec<String> = ["facilities", "field-service"]
+        .iter()
+        .map(|d| format!("edgecase.demo.salesforce.{d}.{}", std::process::id()))
+        .collect();
+    let sf_config = salesforce_config(emulator.url(), &sf_queues, &config)?;
+
     let (data_dir, temporary) = match &opts.data_dir {
         Some(d) => (d.clone(), false),
         None => (
@@ -119,6 +136,27 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     };
     let agent = Agent::start_with(&config, data_dir.clone(), output).await?;
     let metrics = agent.metrics.clone();
+    // Through RabbitMQ, the connector consumes its own queues; in-process, the consumer
+    // below hands each case to the same upserts.
+    let (connector, direct) = if opts.amqp.is_some() {
+        match crate::connectors::salesforce::start(sf_config.clone(), metrics.clone()).await {
+            Ok(c) => (Some(c), None),
+            Err(e) => {
+                agent.shutdown().await;
+                return Err(Error::Setup(format!("{e}: {}", error_chain(&e))));
+            }
+        }
+    } else {
+        match crate::connectors::salesforce::direct::DirectSink::start(&sf_config).await {
+            Ok(d) => (None, Some(std::sync::Arc::new(d))),
+            Err(e) => {
+                agent.shutdown().await;
+                return Err(Error::Setup(format!("{e}: {}", error_chain(&e))));
+            }
+        }
+    };
+    let changes = emulator.org.subscribe_changes();
+    let printer = tokio::spawn(print_salesforce_changes(changes));
     println!(
         "edgecase demo: embedded MQTT broker on 127.0.0.1:{broker_port}, serial device on {}",
         pty_path.display()
@@ -131,6 +169,11 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
             .map(crate::config::redact_url)
             .unwrap_or_else(|| "an in-process queue".into())
     );
+    println!(
+        "edgecase demo: Salesforce emulator on {} takes the cases (inspect: curl {}/__emulator/records/Case)",
+        emulator.url(),
+        emulator.url()
+    );
     println!("edgecase demo: rules from examples/gateway.toml; some devices misbehave on purpose. Ctrl-C to stop.");
 
     let devices = CancellationToken::new();
@@ -138,7 +181,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     tasks.spawn(mqtt_devices(broker_port, devices.clone()));
     tasks.spawn(serial_device(pty, devices.clone()));
     let to_db = writers.as_ref().map(|w| (w.readings.clone(), w.cases.clone()));
-    let consumer = tokio::spawn(consume(deliveries_rx, to_db));
+    let consumer = tokio::spawn(consume(deliveries_rx, to_db, direct));
 
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut every = tokio::time::interval(opts.report_every);
@@ -159,6 +202,26 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
         Some(w) => Some(w.finish(&opts.db).await?),
         None => None,
     };
+    if let Some(c) = connector {
+        // Give cases published at the end the time to reach the emulator.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::Instant::now() < deadline && salesforce_busy(&metrics) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        c.shutdown().await;
+        if let Some(url) = &opts.amqp {
+            delete_queues(url, &sf_queues).await;
+        }
+    }
+    printer.abort();
+    let salesforce_cases = emulator
+        .cases()
+        .iter()
+        .map(|c| {
+            let f = |k: &str| c.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+            format!("{} {:<6} {}", f("CaseNumber"), f("Status"), f("Subject"))
+        })
+        .collect();
     let summary = Summary {
         readings_in: metrics.ingest_readings.get_or_create(&source("mqtt")).get()
             + metrics.ingest_readings.get_or_create(&source("serial")).get(),
@@ -169,6 +232,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
         pending_at_exit: metrics.buffer_pending_readings.get().max(0) as u64,
         case_subjects: seen,
         database,
+        salesforce_cases,
     };
     if temporary {
         let _ = std::fs::remove_dir_all(&data_dir);
@@ -281,12 +345,102 @@ impl DbWriters {
     }
 }
 
+/// The Salesforce connector's configuration for the demo: the emulator's default app and
+/// user, one division per rule division.
+fn salesforce_config(
+    url: &str,
+    queues: &[String],
+    config: &Config,
+) -> Result<crate::connectors::salesforce::config::Resolved, Error> {
+    let division = |name: &str, queue: &str| {
+        serde_json::json!({
+            "name": name, "username": "integration@edgecase.example", "password": "password",
+            "security_token": "TOKEN", "queue": queue,
+            "defaults": {"Origin": "Edgecase", "Status": "New"},
+            "mapping": {"Device__c": "device_id", "Sensor__c": "sensor", "Rule__c": "rule", "Gateway__c": "gateway_id"}
+        })
+    };
+    let raw: crate::connectors::salesforce::config::SalesforceConfig = serde_json::from_value(serde_json::json!({
+        "tenant": {"client_id": "edgecase-client-id", "client_secret": "edgecase-client-secret", "login_url": url},
+        "divisions": [division("facilities", &queues[0]), division("field-service", &queues[1])]
+    }))
+    .map_err(|e| Error::Setup(format!("Salesforce config: {e}")))?;
+    raw.resolve("salesforce", &config.amqp)
+        .map_err(|p| Error::Setup(p.join("; ")))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+fn salesforce_busy(m: &Metrics) -> bool {
+    m.encode()
+        .lines()
+        .filter(|l| l.starts_with("edgecase_salesforce_in_flight{"))
+        .any(|l| !l.ends_with(" 0"))
+}
+
+async fn delete_queues(url: &str, queues: &[String]) {
+    let Ok(Ok(conn)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+    )
+    .await
+    else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in queues {
+            for name in [q.clone(), format!("{q}.dlq")] {
+                let _ = ch
+                    .queue_delete(name.as_str().into(), lapin::options::QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+    }
+    let _ = conn.close(200, "demo done".into()).await;
+}
+
+/// Prints each Case as the emulator creates or updates it.
+async fn print_salesforce_changes(
+    mut changes: tokio::sync::broadcast::Receiver<salesforce_emulator::org::ChangeEvent>,
+) {
+    use salesforce_emulator::org::ChangeKind;
+    loop {
+        let e = match changes.recv().await {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        let f = |k: &str| e.record.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let what = match e.kind {
+            ChangeKind::Created => "created",
+            ChangeKind::Updated => "updated",
+            ChangeKind::Deleted => "deleted",
+        };
+        println!(
+            "  SALESFORCE Case {} {what} (device {}): Status={:?} Subject={:?}",
+            f("CaseNumber"),
+            f("Device__c"),
+            f("Status"),
+            f("Subject")
+        );
+    }
+}
+
 /// The demo's stand-in for the broker's consumers: hands every message to the DB
-/// connector, prints each case it would send to Salesforce. Returns the subjects of the
-/// cases raised.
+/// connector, prints each case and hands it to the Salesforce upserts. Returns the subjects
+/// of the cases raised.
 async fn consume(
     mut rx: mpsc::Receiver<Delivery>,
     to_db: Option<(mpsc::Sender<Incoming>, mpsc::Sender<Incoming>)>,
+    salesforce: Option<std::sync::Arc<crate::connectors::salesforce::direct::DirectSink>>,
 ) -> Vec<String> {
     let mut subjects = Vec::new();
     while let Some(d) = rx.recv().await {
@@ -327,6 +481,15 @@ async fn consume(
                     d.routing_key,
                     short(&case.event_id)
                 )
+            }
+        }
+        if let Some(sink) = &salesforce {
+            match sink.deliver(&d.routing_key, &d.payload).await {
+                Ok(Some(crate::connectors::salesforce::client::Outcome::Rejected(e))) => {
+                    println!("  SALESFORCE refused event {}: {e}", short(&case.event_id))
+                }
+                Ok(_) => {}
+                Err(e) => println!("  SALESFORCE failed for event {}: {e}", short(&case.event_id)),
             }
         }
     }

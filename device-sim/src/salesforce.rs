@@ -43,6 +43,10 @@ pub struct SalesforceArgs {
     /// Case fields every write must set (REQUIRED_FIELD_MISSING otherwise); repeatable.
     #[arg(long = "require", value_name = "FIELD")]
     required: Vec<String>,
+    /// Serve https with the test certificate for 127.0.0.1 (its CA is
+    /// salesforce-emulator/testdata/tls-test-ca.pem: the connector's tenant.ca_file).
+    #[arg(long)]
+    tls: bool,
 }
 
 pub fn run(args: &SalesforceArgs) -> Result<()> {
@@ -71,6 +75,9 @@ pub fn run(args: &SalesforceArgs) -> Result<()> {
     config.settings.token_ttl_ms = args.token_ttl.as_millis() as u64;
     config.settings.daily_api_limit = args.daily_api_limit;
     config.settings.required_case_fields = args.required.clone();
+    if args.tls {
+        config.tls = Some(salesforce_emulator::TlsIdentity::test());
+    }
     let users: Vec<String> = config.users.iter().map(|u| u.0.clone()).collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

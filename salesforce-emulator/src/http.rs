@@ -587,3 +587,85 @@ async fn patch_settings(State(s): State<Arc<AppState>>, body: Bytes) -> Response
 async fn stats(State(s): State<Arc<AppState>>) -> Response {
     json_response(200, &serde_json::to_value(s.org.stats()).unwrap_or_default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::org::{OrgSetup, Settings};
+
+    fn state() -> AppState {
+        AppState {
+            org: Arc::new(Org::new(OrgSetup {
+                apps: vec![("cid".into(), "secret".into(), Some(crate::TEST_JWT_PUBLIC_KEY.into()))],
+                users: vec![("u@example.com".into(), "pw".into(), "T".into())],
+                audiences: vec!["https://login.salesforce.com".into()],
+                external_id_fields: vec![],
+                custom_fields: vec![],
+                settings: Settings::default(),
+            })),
+            base_url: "http://127.0.0.1:1".into(),
+        }
+    }
+
+    fn assertion(claims: Value, pem: &str) -> String {
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).expect("key");
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            &claims,
+            &key,
+        )
+        .expect("sign")
+    }
+
+    fn now() -> i64 {
+        crate::org::now_ms() / 1000
+    }
+
+    #[test]
+    fn jwt_bearer_checks_signature_issuer_audience_subject_and_expiry() {
+        let s = state();
+        let good =
+            json!({"iss": "cid", "sub": "u@example.com", "aud": "https://login.salesforce.com", "exp": now() + 120});
+        let key = crate::TEST_JWT_PRIVATE_KEY;
+        assert!(check_assertion(&s, &assertion(good.clone(), key)).is_ok());
+        // simple-salesforce sends exp as a string.
+        let mut as_string = good.clone();
+        as_string["exp"] = json!((now() + 120).to_string());
+        assert!(check_assertion(&s, &assertion(as_string, key)).is_ok());
+        let refused = |claims: Value| check_assertion(&s, &assertion(claims, key)).unwrap_err();
+        let mut c = good.clone();
+        c["aud"] = json!("https://evil.example.com");
+        assert_eq!(refused(c), ("invalid_grant", "audience is invalid".to_string()));
+        let mut c = good.clone();
+        c["exp"] = json!(now() - 600);
+        assert_eq!(refused(c).1, "expired authorization code");
+        let mut c = good.clone();
+        c["exp"] = json!(now() + 3600);
+        assert!(refused(c).1.contains("more than 3 minutes"));
+        let mut c = good.clone();
+        c["sub"] = json!("nobody@example.com");
+        assert_eq!(refused(c).1, "user hasn't approved this consumer");
+        let mut c = good.clone();
+        c["iss"] = json!("unknown-app");
+        assert_eq!(refused(c).0, "invalid_client_id");
+        // A token signed by another key, or tampered with, fails the signature check.
+        let mut parts: Vec<String> = assertion(good.clone(), key).split('.').map(String::from).collect();
+        use base64::Engine;
+        let forged =
+            json!({"iss": "cid", "sub": "u@example.com", "aud": "https://login.salesforce.com", "exp": now() + 170});
+        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(forged.to_string());
+        assert_eq!(
+            check_assertion(&s, &parts.join(".")).unwrap_err(),
+            ("invalid_grant", "invalid assertion".to_string())
+        );
+        assert!(check_assertion(&s, "not.a.jwt").is_err());
+    }
+
+    #[test]
+    fn api_versions_in_the_path() {
+        assert_eq!(parse_version("v58.0").map(|v| v.1), Some(58.0));
+        assert!(parse_version("58.0").is_none());
+        assert!(parse_version("v19.0").is_none());
+        assert!(parse_version("v99.0").is_none());
+    }
+}

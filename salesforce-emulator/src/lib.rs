@@ -39,7 +39,29 @@ pub struct EmulatorConfig {
     /// Other custom text fields on Case.
     pub custom_fields: Vec<String>,
     pub settings: Settings,
+    /// Serve https with this certificate instead of plain http.
+    pub tls: Option<TlsIdentity>,
 }
+
+/// A server certificate chain and its private key, PEM.
+#[derive(Debug, Clone)]
+pub struct TlsIdentity {
+    pub cert_chain_pem: String,
+    pub key_pem: String,
+}
+
+impl TlsIdentity {
+    /// The test certificate for `127.0.0.1` and `localhost`, issued by [`TEST_TLS_CA`].
+    pub fn test() -> TlsIdentity {
+        TlsIdentity {
+            cert_chain_pem: include_str!("../testdata/tls-test-server.pem").into(),
+            key_pem: include_str!("../testdata/tls-test-server.key").into(),
+        }
+    }
+}
+
+/// The CA that issued [`TlsIdentity::test`]: give it to a client as its trusted root.
+pub const TEST_TLS_CA: &str = include_str!("../testdata/tls-test-ca.pem");
 
 impl Default for EmulatorConfig {
     /// One app (`edgecase-client-id` / `edgecase-client-secret`, JWT with the test key of
@@ -63,6 +85,7 @@ impl Default for EmulatorConfig {
                 .map(String::from)
                 .to_vec(),
             settings: Settings::default(),
+            tls: None,
         }
     }
 }
@@ -77,6 +100,9 @@ pub enum Error {
     /// Stop: the port cannot be bound.
     #[error("Salesforce emulator: cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    /// Stop: the TLS certificate or key cannot be used.
+    #[error("Salesforce emulator: TLS identity: {0}")]
+    Tls(String),
 }
 
 /// A running emulator; dropping it stops the server.
@@ -94,7 +120,9 @@ impl Emulator {
             .await
             .map_err(|source| Error::Bind { addr, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
-        let base_url = format!("http://{addr}");
+        let acceptor = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let base_url = format!("{scheme}://{addr}");
         let mut audiences = config.audiences;
         audiences.push(base_url.clone());
         let org = Arc::new(Org::new(OrgSetup {
@@ -110,14 +138,21 @@ impl Emulator {
             base_url: base_url.clone(),
         }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.await;
-            };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-                tracing::warn!(error = %e, "Salesforce emulator stopped");
+        match acceptor {
+            None => {
+                tokio::spawn(async move {
+                    let shutdown = async move {
+                        let _ = stopped.await;
+                    };
+                    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                        tracing::warn!(error = %e, "Salesforce emulator stopped");
+                    }
+                });
             }
-        });
+            Some(acceptor) => {
+                tokio::spawn(serve_tls(listener, acceptor, app, stopped));
+            }
+        }
         Ok(Emulator {
             org,
             addr,
@@ -139,6 +174,52 @@ impl Emulator {
     /// Every Case, in creation order.
     pub fn cases(&self) -> Vec<serde_json::Map<String, serde_json::Value>> {
         self.org.records("Case")
+    }
+}
+
+fn tls_acceptor(id: &TlsIdentity) -> Result<tokio_rustls::TlsAcceptor, Error> {
+    let certs = rustls_pemfile::certs(&mut id.cert_chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls(format!("certificate: {e}")))?;
+    let key = rustls_pemfile::private_key(&mut id.key_pem.as_bytes())
+        .map_err(|e| Error::Tls(format!("key: {e}")))?
+        .ok_or_else(|| Error::Tls("no private key in the PEM".into()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// https: each connection is a TLS handshake, then HTTP/1.1 served by the same router.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: axum::Router,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Salesforce emulator: accept failed");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            // A client that refuses our certificate ends its own handshake; nothing to do.
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
     }
 }
 

@@ -1,5 +1,6 @@
 //! Third-party Salesforce clients against the emulator: if a real client misreads an
-//! answer, the emulator is wrong. `scripts/services.sh` installs the clients.
+//! answer, the emulator is wrong. `scripts/services.sh` installs the clients (Python's
+//! simple-salesforce, npm's jsforce).
 
 use salesforce_emulator::{Emulator, EmulatorConfig};
 use std::path::Path;
@@ -37,6 +38,47 @@ async fn simple_salesforce_logs_in_creates_upserts_and_queries() {
         cases
             .iter()
             .filter(|c| c.get("Edge_Event_Id__c").and_then(|s| s.as_str()) == Some("py-event-1"))
+            .count(),
+        1,
+        "one Case per external id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jsforce_logs_in_creates_upserts_and_queries() {
+    let emulator = Emulator::start(EmulatorConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("start the emulator");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/jsforce");
+    assert!(
+        dir.join("node_modules/jsforce/package.json").is_file(),
+        "jsforce is not installed in {}; run scripts/services.sh",
+        dir.display()
+    );
+    let url = emulator.url().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg("client.js")
+            .arg(&url)
+            .current_dir(&dir)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run node (scripts/services.sh installs it with jsforce)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "jsforce against the emulator failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    eprintln!("{stdout}");
+    let cases = emulator.cases();
+    assert_eq!(
+        cases
+            .iter()
+            .filter(|c| c.get("Edge_Event_Id__c").and_then(|s| s.as_str()) == Some("js-event-1"))
             .count(),
         1,
         "one Case per external id"

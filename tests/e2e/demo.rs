@@ -78,6 +78,19 @@ async fn demo_runs_a_minute_without_services_and_raises_cases() {
         count("SELECT COUNT(*) FROM cases WHERE action = 'raise'") >= raised,
         "{stdout}"
     );
+    // Every case raised became one Case in the Salesforce emulator; the boiler's clear
+    // closed its Case.
+    assert_eq!(line_value(&stdout, "cases in Salesforce"), raised, "{stdout}");
+    assert!(
+        stdout.contains("SALESFORCE Case 00001001 created (device boiler-1)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("salesforce: 00001001 Closed boiler-1: temp at")),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
@@ -173,6 +186,11 @@ async fn demo_with_amqp_delivers_to_rabbitmq() {
         "readings delivered through RabbitMQ: {readings}\n{stdout}"
     );
     assert!(cases >= 2, "cases delivered through RabbitMQ: {cases}\n{stdout}");
+    // The Salesforce connector consumed its own queues and created the Cases.
+    assert!(
+        line_value(&stdout, "cases in Salesforce") >= 2,
+        "Cases created through RabbitMQ and the connector:\n{stdout}"
+    );
     assert_eq!(
         readings + cases,
         published,

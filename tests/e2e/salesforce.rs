@@ -162,6 +162,25 @@ fn case_message(event: &str, action: &str, device: &str, case: Value) -> Value {
     })
 }
 
+/// Deletes the connector's queues when dropped, even when the test panics.
+struct Queues(Vec<String>);
+
+impl Drop for Queues {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.0);
+        // Its own thread and runtime: this may run while a test's runtime is unwinding.
+        let cleanup = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), delete_queues(&refs)).await;
+                });
+            }
+        });
+        let _ = cleanup.join();
+    }
+}
+
 async fn delete_queues(names: &[&str]) {
     if let Ok(conn) = amqp_connect(Duration::from_secs(5)).await {
         for q in names {
@@ -206,6 +225,7 @@ async fn every_case_becomes_one_salesforce_case_across_kill_dash_nine_expiring_s
         .expect("emulator");
     let queue = format!("{}-sf-facilities", bed.names.base);
     let dlq = format!("{queue}.dlq");
+    let _queues = Queues(vec![queue.clone(), dlq.clone()]);
     let config = json!({
         "tenant": {
             "client_id": "edgecase-client-id",
@@ -351,7 +371,6 @@ async fn every_case_becomes_one_salesforce_case_across_kill_dash_nine_expiring_s
 
     let _ = conn.close(200, "done".into()).await;
     drop(connector);
-    delete_queues(&[&queue, &dlq]).await;
 }
 
 /// Reads every message of `queue` (basic.get), waiting until `n` arrived.
@@ -420,6 +439,15 @@ async fn validation_errors_are_dead_lettered_with_the_salesforce_error() {
         },
         "divisions": [division("single", 1), division("batched", 10)]
     });
+    let _queues = Queues(
+        ["single", "batched"]
+            .iter()
+            .flat_map(|d| {
+                let q = format!("{}-{d}", bed.names.base);
+                [format!("{q}.dlq"), q]
+            })
+            .collect(),
+    );
     let connector = ConnectorProcess::start(bed.dir.path(), &config);
     let (conn, ch) = case_publisher(&bed.names).await;
     let ready = wait_for(Duration::from_secs(20), || async {
@@ -538,14 +566,6 @@ async fn validation_errors_are_dead_lettered_with_the_salesforce_error() {
     );
     let _ = conn.close(200, "done".into()).await;
     drop(connector);
-    let queues: Vec<String> = ["single", "batched"]
-        .iter()
-        .flat_map(|d| {
-            let q = format!("{}-{d}", bed.names.base);
-            [format!("{q}.dlq"), q]
-        })
-        .collect();
-    delete_queues(&queues.iter().map(String::as_str).collect::<Vec<_>>()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -556,6 +576,7 @@ async fn a_defect_from_the_rules_becomes_one_salesforce_case_under_edgecase_run(
         .await
         .expect("emulator");
     let queue = format!("{}-sf", bed.names.base);
+    let _queues = Queues(vec![queue.clone(), format!("{queue}.dlq")]);
     bed.config["rules"] = json!([{
         "name": "hot", "sensors": "temp", "kind": "above", "threshold": 50.0, "clear_level": 40.0,
         "debounce_readings": 2, "division": "facilities",
@@ -631,5 +652,147 @@ async fn a_defect_from_the_rules_becomes_one_salesforce_case_under_edgecase_run(
     );
     mqtt.disconnect().await;
     drop(agent);
-    delete_queues(&[&queue, &format!("{queue}.dlq")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_unreachable_salesforce_and_bad_keys_fail_at_start_naming_them() {
+    let emulator = Emulator::start(EmulatorConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("emulator");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let cases: [(&str, Value, &[&str]); 4] = [
+        (
+            "wrong password",
+            json!({"tenant": {"client_id": "edgecase-client-id", "client_secret": "edgecase-client-secret", "login_url": emulator.url()},
+                   "divisions": [{"name": "facilities", "username": "integration@edgecase.example", "password": "nope"}]}),
+            &[
+                "division facilities",
+                emulator.url(),
+                "integration@edgecase.example",
+                "invalid_grant",
+            ],
+        ),
+        (
+            "unknown consumer key",
+            json!({"tenant": {"client_id": "who", "client_secret": "x", "login_url": emulator.url()},
+                   "divisions": [{"name": "field", "username": "integration@edgecase.example", "password": "password", "security_token": "TOKEN"}]}),
+            &["division field", "invalid_client_id"],
+        ),
+        (
+            "unreachable login URL",
+            json!({"tenant": {"client_id": "edgecase-client-id", "client_secret": "s", "login_url": closed},
+                   "divisions": [{"name": "facilities", "username": "u@x", "password": "p"}]}),
+            &["division facilities", &closed, "cannot connect"],
+        ),
+        (
+            "unknown key",
+            json!({"tenant": {"client_id": "c", "client_secret": "s", "login_url": emulator.url(), "loginurl": "x"},
+                   "divisions": []}),
+            &["key tenant", "unknown field `loginurl`"],
+        ),
+    ];
+    for (what, config, want) in cases {
+        let path = dir.path().join("bad.json");
+        std::fs::write(&path, config.to_string()).expect("write");
+        let path = path.to_string_lossy().into_owned();
+        let out = run_cli(
+            &["connector", "salesforce", "-i", &path, "--check"],
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("edgecase runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        for w in want {
+            assert!(stderr.contains(w), "{what}: want {w:?} in:\n{stderr}");
+        }
+        assert!(
+            !stderr.contains("edgecase-client-secret"),
+            "{what}: a secret leaked:\n{stderr}"
+        );
+    }
+    // And a good one logs in.
+    let path = dir.path().join("good.json");
+    let good = json!({"tenant": {"client_id": "edgecase-client-id", "client_secret": "edgecase-client-secret", "login_url": emulator.url()},
+                      "divisions": [{"name": "facilities", "username": "integration@edgecase.example", "password": "password", "security_token": "TOKEN"}]});
+    std::fs::write(&path, good.to_string()).expect("write");
+    let path = path.to_string_lossy().into_owned();
+    let out = run_cli(
+        &["connector", "salesforce", "-i", &path, "--check"],
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("edgecase runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK, 1 division(s) logged in"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_over_https_is_verified_against_the_configured_ca() {
+    let cfg = EmulatorConfig {
+        tls: Some(salesforce_emulator::TlsIdentity::test()),
+        ..EmulatorConfig::default()
+    };
+    let emulator = Emulator::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("emulator");
+    assert!(emulator.url().starts_with("https://127.0.0.1:"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, salesforce_emulator::TEST_TLS_CA).expect("write CA");
+    let config = |ca_file: Option<&std::path::Path>| {
+        let mut c = json!({
+            "tenant": {"client_id": "edgecase-client-id", "client_secret": "edgecase-client-secret", "login_url": emulator.url()},
+            "divisions": [{"name": "facilities", "username": "integration@edgecase.example", "password": "password", "security_token": "TOKEN"}]
+        });
+        if let Some(f) = ca_file {
+            c["tenant"]["ca_file"] = json!(f);
+        }
+        c
+    };
+    // The system's roots do not know the emulator's CA: the handshake must fail.
+    let path = dir.path().join("untrusted.json");
+    std::fs::write(&path, config(None).to_string()).expect("write");
+    let out = run_cli(
+        &["connector", "salesforce", "-i", &path.to_string_lossy(), "--check"],
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("edgecase runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("division facilities") && stderr.to_lowercase().contains("certificate"),
+        "{stderr}"
+    );
+    // With the CA configured, login and REST calls go through.
+    let path = dir.path().join("trusted.json");
+    std::fs::write(&path, config(Some(&ca)).to_string()).expect("write");
+    let out = run_cli(
+        &["connector", "salesforce", "-i", &path.to_string_lossy(), "--check"],
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("edgecase runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let raw: edgecase::connectors::salesforce::config::SalesforceConfig =
+        serde_json::from_value(config(Some(&ca))).expect("config");
+    let resolved = raw.resolve("", &AmqpConfig::default()).expect("valid");
+    let sink = edgecase::connectors::salesforce::direct::DirectSink::start(&resolved)
+        .await
+        .expect("log in over https");
+    let body = case_message("tls-ev-1", "raise", "boiler-1", json!({"Subject": "over https"}));
+    let outcome = sink
+        .deliver("case.facilities", body.to_string().as_bytes())
+        .await
+        .expect("upsert over https");
+    assert!(
+        matches!(
+            outcome,
+            Some(edgecase::connectors::salesforce::client::Outcome::Created(_))
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(text(&emulator.cases()[0], "Subject"), "over https");
 }

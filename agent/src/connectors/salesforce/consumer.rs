@@ -366,10 +366,19 @@ impl Shared {
                         Some(Err(e)) => break Err(format!("a Salesforce job failed: {e}")),
                         None => {}
                     }
-                    // Messages waiting for their event id may go now, in arrival order.
+                    // Messages waiting for their event id (or for a free slot) may go now, in
+                    // arrival order: one still waiting holds back later ones of its event.
                     let waiting = std::mem::take(&mut parked);
+                    let mut held: HashSet<String> = HashSet::new();
                     for work in waiting {
-                        if busy.contains(&work.record.event_id) {
+                        let id = &work.record.event_id;
+                        let full = if batch_size == 1 {
+                            jobs.len() >= capacity
+                        } else {
+                            batch.len() >= batch_size
+                        };
+                        if full || busy.contains(id) || held.contains(id) {
+                            held.insert(id.clone());
                             parked.push_back(work);
                         } else {
                             self.admit(work, &mut busy, &mut batch, &mut batch_deadline, batch_wait, &mut jobs, &session.publish, &job_cancel);
@@ -394,7 +403,8 @@ impl Shared {
                         }
                         Ok(record) => {
                             let work = Work { delivery, record };
-                            if busy.contains(&work.record.event_id) {
+                            let id = &work.record.event_id;
+                            if busy.contains(id) || parked.iter().any(|w| &w.record.event_id == id) {
                                 parked.push_back(work);
                             } else {
                                 self.admit(work, &mut busy, &mut batch, &mut batch_deadline, batch_wait, &mut jobs, &session.publish, &job_cancel);

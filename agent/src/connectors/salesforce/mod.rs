@@ -20,10 +20,12 @@
 //! - [`limiter`]: the tenant's request rate.
 //! - [`consumer`]: the per-division dispatcher, retries, acknowledgements, dead letters.
 //! - [`metrics`]: `edgecase_salesforce_*` on `/metrics`.
+//! - [`direct`]: the same upserts without a broker (the demo's in-process queue).
 
 pub mod client;
 pub mod config;
 pub mod consumer;
+pub mod direct;
 pub mod limiter;
 pub mod mapping;
 pub mod metrics;
