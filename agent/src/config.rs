@@ -57,6 +57,7 @@ pub struct Config {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<crate::rules::RuleConfig>,
     /// Connectors run by `edgecase connector ...` (`[connector.db]`).
+    #[serde(skip_serializing_if = "crate::connectors::ConnectorConfig::is_empty")]
     pub connector: crate::connectors::ConnectorConfig,
 }
 
