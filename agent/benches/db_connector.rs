@@ -109,7 +109,7 @@ async fn pg_ceiling(pg: &tokio_postgres::Client, table: &str, n: u64) -> Result<
     pg.batch_execute(&create(table)).await.map_err(|e| e.to_string())?;
     let stmt = pg
         .prepare(&format!(
-            "INSERT INTO {table} (message_id, device_id, sensor, value, ts) VALUES ($1, $2, $3, $4, $5::timestamptz) ON CONFLICT (message_id) DO UPDATE SET value = excluded.value"
+            "INSERT INTO {table} (message_id, device_id, sensor, value, ts) VALUES ($1, $2, $3, $4, $5::text::timestamptz) ON CONFLICT (message_id) DO UPDATE SET value = excluded.value"
         ))
         .await
         .map_err(|e| e.to_string())?;

@@ -61,6 +61,7 @@ pub struct Config {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub salesforce: Option<crate::connectors::salesforce::config::SalesforceConfig>,
     /// Connectors run by `edgecase connector ...` (`[connector.db]`).
+    #[serde(skip_serializing_if = "crate::connectors::ConnectorConfig::is_empty")]
     pub connector: crate::connectors::ConnectorConfig,
 }
 

@@ -198,8 +198,15 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     devices.cancel();
     while tasks.join_next().await.is_some() {}
     let seen = consumer.await.unwrap_or_default();
+    // A database that could not be written is reported, not a failed demo.
     let database = match writers {
-        Some(w) => Some(w.finish(&opts.db).await?),
+        Some(w) => match w.finish(&opts.db).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("edgecase demo: {e}");
+                None
+            }
+        },
         None => None,
     };
     if let Some(c) = connector {

@@ -1027,3 +1027,58 @@ async fn db_outage_is_retried_without_dead_lettering_good_messages() {
     proxy.down();
     amqp.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_select_and_send_with_its_own_last_value_placeholder() {
+    let _rabbit = RABBITMQ.read().await;
+    let t = DbBed::new("dblast", Db::Sqlite);
+    let table = t.table.clone();
+    t.exec(&format!(
+        "CREATE TABLE {table} (id INTEGER PRIMARY KEY, serial TEXT, note TEXT); INSERT INTO {table} VALUES (1, 'a', 'x'), (2, 'b', NULL)"
+    ))
+    .await;
+    let settings = t.settings(
+        json!({
+            "query": format!("SELECT id, serial, note FROM {table} WHERE (:_last IS NULL OR id > :_last) ORDER BY id"),
+            "tracking_column": "id",
+        }),
+        json!({ "type": "json" }),
+    );
+    let config = t.write_settings("connector.json", &settings);
+    let amqp = Amqp::connect().await;
+    amqp.declare_exchange(&t.names().cases_exchange).await;
+    amqp.declare_bound_queue(&t.out_queue, &t.names().cases_exchange, "row.#")
+        .await;
+    let (code, out) = connector("select-and-send", &config, &t.data_dir()).await;
+    assert_eq!(code, 0, "{out}");
+    let got = amqp.drain(&t.out_queue).await;
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![
+            r#"{"id":1,"serial":"a","note":"x"}"#,
+            r#"{"id":2,"serial":"b","note":null}"#
+        ],
+        "{out}"
+    );
+    let (code, out) = connector("select-and-send", &config, &t.data_dir()).await;
+    assert_eq!(code, 3, "{out}");
+    t.exec(&format!("INSERT INTO {table} VALUES (3, 'c', 'y')")).await;
+    let (code, out) = connector("select-and-send", &config, &t.data_dir()).await;
+    assert_eq!(code, 0, "{out}");
+    let got = amqp.drain(&t.out_queue).await;
+    assert_eq!(got.len(), 1, "{out}");
+    // The state file names the query and the last value sent.
+    let state = std::fs::read_dir(t.data_dir().join("db-connector"))
+        .expect("state directory")
+        .next()
+        .expect("a state file")
+        .expect("entry");
+    let state: Json = serde_json::from_slice(&std::fs::read(state.path()).expect("read")).expect("JSON");
+    assert_eq!(state["last"], json!(3));
+    assert_eq!(state["rows_sent"], json!(3));
+    amqp.close().await;
+}

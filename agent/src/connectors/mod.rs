@@ -15,3 +15,10 @@ pub struct ConnectorConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub db: Option<db::DbConnectorConfig>,
 }
+
+impl ConnectorConfig {
+    /// No connector configured (`edgecase check` then prints no `[connector]`).
+    pub fn is_empty(&self) -> bool {
+        self.db.is_none()
+    }
+}
