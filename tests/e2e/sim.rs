@@ -216,7 +216,9 @@ async fn simulated_firmware_delivers_its_manifest_once_through_bad_input_and_an_
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let readings = collector.readings();
-    let mut got: HashMap<(String, String, u64), (f64, HashSet<String>, usize)> = HashMap::new();
+    // (device, sensor, seq) → (value, message ids, arrivals)
+    type Arrivals = HashMap<(String, String, u64), (f64, HashSet<String>, usize)>;
+    let mut got: Arrivals = HashMap::new();
     for r in &readings {
         let e = got
             .entry((r.device().to_string(), r.sensor().to_string(), r.seq().expect("seq")))
