@@ -282,6 +282,10 @@ async fn demo(args: DemoArgs) -> Result<()> {
     println!("  cases raised     {}", s.cases_raised);
     println!("  cases cleared    {}", s.cases_cleared);
     println!("  dead letters     {}", s.dead_letters);
+    println!(
+        "  binary frames    {} acknowledged, {} NACKed (damaged on the line, then retransmitted)",
+        s.frames_acked, s.frames_nacked
+    );
     println!("  left in buffer   {}", s.pending_at_exit);
     for subject in &s.case_subjects {
         println!("  case: {subject}");

@@ -679,6 +679,8 @@ fn explain(e: config::ConfigError) -> String {
     }
     if s.contains("unknown field") {
         format!("{s} (check the spelling; `edgecase check` without --config prints every key with its default)")
+    } else if s.contains("enum SerialFraming") {
+        format!("{s} (framing is \"json-lines\" or \"binary\")")
     } else {
         s
     }
@@ -756,6 +758,22 @@ mod tests {
         assert_eq!(c.mqtt.url, "mqtts://broker:8883");
         assert_eq!(c.buffer.max_readings, 42);
         assert_eq!(c.serial[0].baud_rate, 115_200);
+    }
+
+    #[test]
+    fn serial_framing_is_json_lines_or_binary() {
+        let c = load(
+            ".toml",
+            "[[serial]]\npath = \"/dev/a\"\n[[serial]]\npath = \"/dev/b\"\nframing = \"binary\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.serial[0].framing, SerialFraming::JsonLines);
+        assert_eq!(c.serial[1].framing, SerialFraming::Binary);
+        assert!(c.to_redacted_toml().contains("framing = \"binary\""));
+        let err = load(".toml", "[[serial]]\npath = \"/dev/a\"\nframing = \"cobs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("binary") && err.contains("json-lines"), "{err}");
     }
 
     #[test]

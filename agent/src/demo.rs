@@ -1,9 +1,12 @@
 //! `edgecase demo`: the whole data path on one machine with no external service.
 //!
-//! An embedded MQTT broker (rumqttd) and a pseudo-terminal stand in for the site; simulated
-//! devices publish readings to them, some misbehaving on purpose (a boiler overheating, a
-//! humidity sensor out of range, a stuck pressure sensor, a meter that goes silent, a
-//! device sending garbage). The agent runs exactly as `edgecase run` would, with the rules
+//! An embedded MQTT broker (rumqttd) and two pseudo-terminals stand in for the site; the
+//! devices are `edgecase-sim`'s: the fleet of `examples/sim/site.toml` over MQTT, some
+//! misbehaving on purpose (a boiler overheating, a humidity sensor drifting out of range, a
+//! stuck pressure sensor, a meter that goes silent, a device sending garbage), a tank
+//! sensor sending JSON lines on one serial line and a pump controller speaking the binary
+//! firmware protocol on the other (with a damaged frame now and then, NACKed and
+//! retransmitted). The agent runs exactly as `edgecase run` would, with the rules
 //! of `examples/gateway.toml`: ingest, SQLite buffer, rules, publisher. The publisher hands
 //! messages to an in-process queue (or, with `--amqp`, to a real RabbitMQ). From the
 //! in-process queue, the DB connector's writer stores every reading and case event in a
@@ -16,20 +19,26 @@
 //! out: the embedded broker is a large dependency that a gateway does not need.
 
 use crate::agent::{Agent, Output};
-use crate::config::{Config, SerialPortConfig};
+use crate::config::{Config, SerialFraming, SerialPortConfig};
 use crate::connectors::db::write::Incoming;
 use crate::metrics::Metrics;
 use crate::publish::memory::Delivery;
 use crate::rules::{CaseAction, CaseEvent};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
-use std::io::Write;
+use edgecase_sim::inject::{BadInputKind, BadInputSpec, Injector};
+use edgecase_sim::model::{DeviceSpec, Fleet, Pattern, SensorSpec};
+use edgecase_sim::serial::{Framing, Link, Pty, SerialOptions};
+use edgecase_sim::{Plan, Report, Scenario, Stop};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// The example gateway config: its rules are the demo's rules.
 const EXAMPLE_CONFIG: &str = include_str!("../../examples/gateway.toml");
+/// The MQTT devices: the example site of the simulator.
+const SITE: &str = include_str!("../../examples/sim/site.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,6 +71,9 @@ pub struct Summary {
     pub cases_raised: u64,
     pub cases_cleared: u64,
     pub dead_letters: u64,
+    /// Binary serial frames acknowledged (retransmissions included) and NACKed.
+    pub frames_acked: u64,
+    pub frames_nacked: u64,
     pub pending_at_exit: u64,
     pub case_subjects: Vec<String>,
     /// The SQLite database the DB connector wrote, and its rows: readings, case events.
@@ -75,25 +87,28 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     let started = Instant::now();
     let broker_port = free_port()?;
     start_broker(broker_port)?;
-    let pty =
-        nix::pty::openpty(None, None).map_err(|e| Error::Setup(format!("cannot create a pseudo-terminal: {e}")))?;
-    let pty_path = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&pty.slave)))
-        .map_err(|e| Error::Setup(format!("cannot find the pseudo-terminal's path: {e}")))?;
+    let json_pty = Pty::create().map_err(|e| Error::Setup(format!("cannot create a pseudo-terminal: {e}")))?;
+    let binary_pty = Pty::create().map_err(|e| Error::Setup(format!("cannot create a pseudo-terminal: {e}")))?;
+    let site = Scenario::parse(SITE).map_err(|e| Error::Setup(format!("examples/sim/site.toml: {e}")))?;
 
     let mut config: Config =
         toml::from_str(EXAMPLE_CONFIG).map_err(|e| Error::Setup(format!("examples/gateway.toml: {e}")))?;
     config.gateway.id = "demo-gateway".into();
     config.mqtt.url = format!("mqtt://127.0.0.1:{broker_port}");
     config.mqtt.client_id = Some(format!("edgecase-demo-{}", std::process::id()));
-    config.serial = vec![SerialPortConfig {
-        path: pty_path.clone(),
+    let port = |path: &PathBuf, framing| SerialPortConfig {
+        path: path.clone(),
         baud_rate: 115_200,
-        device_id: Some("tank-5".into()),
-        framing: Default::default(),
+        device_id: None,
+        framing,
         max_line_bytes: 4096,
         reopen_min: Duration::from_millis(200),
         reopen_max: Duration::from_secs(2),
-    }];
+    };
+    config.serial = vec![
+        port(&json_pty.path, SerialFraming::JsonLines),
+        port(&binary_pty.path, SerialFraming::Binary),
+    ];
     config.admin.enabled = false;
     if let Some(url) = &opts.amqp {
         config.amqp.url = crate::config::Secret::new(url.clone());
@@ -158,8 +173,9 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     let changes = emulator.org.subscribe_changes();
     let printer = tokio::spawn(print_salesforce_changes(changes));
     println!(
-        "edgecase demo: embedded MQTT broker on 127.0.0.1:{broker_port}, serial device on {}",
-        pty_path.display()
+        "edgecase demo: embedded MQTT broker on 127.0.0.1:{broker_port}, serial devices on {} (JSON lines) and {} (binary frames)",
+        json_pty.path.display(),
+        binary_pty.path.display()
     );
     println!(
         "edgecase demo: buffer in {}; publishing to {}",
@@ -176,10 +192,13 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     );
     println!("edgecase demo: rules from examples/gateway.toml; some devices misbehave on purpose. Ctrl-C to stop.");
 
-    let devices = CancellationToken::new();
+    let devices: Stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(mqtt_devices(broker_port, devices.clone()));
-    tasks.spawn(serial_device(pty, devices.clone()));
+    tasks.spawn(mqtt_devices(broker_port, site, devices.clone()));
+    let (d, p) = (devices.clone(), json_pty);
+    tasks.spawn_blocking(move || serial_devices(&p, Framing::JsonLines, &d));
+    let (d, p) = (devices.clone(), binary_pty);
+    tasks.spawn_blocking(move || serial_devices(&p, Framing::Binary, &d));
     let to_db = writers.as_ref().map(|w| (w.readings.clone(), w.cases.clone()));
     let consumer = tokio::spawn(consume(deliveries_rx, to_db, direct));
 
@@ -195,7 +214,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     }
     // The agent stops first so that it takes in everything the devices sent.
     agent.shutdown().await;
-    devices.cancel();
+    devices.store(true, Ordering::Relaxed);
     while tasks.join_next().await.is_some() {}
     let seen = consumer.await.unwrap_or_default();
     // A database that could not be written is reported, not a failed demo.
@@ -236,6 +255,8 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
         cases_raised: count_cases(&metrics, "raise"),
         cases_cleared: count_cases(&metrics, "clear"),
         dead_letters: metrics.buffer_dead_letters.get().max(0) as u64,
+        frames_acked: frames(&metrics, "acked") + frames(&metrics, "duplicate"),
+        frames_nacked: frames(&metrics, "nacked"),
         pending_at_exit: metrics.buffer_pending_readings.get().max(0) as u64,
         case_subjects: seen,
         database,
@@ -249,6 +270,14 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
 
 fn source(s: &str) -> crate::metrics::SourceLabel {
     crate::metrics::SourceLabel { source: s.to_string() }
+}
+
+fn frames(m: &Metrics, result: &str) -> u64 {
+    let text = m.encode();
+    text.lines()
+        .filter(|l| l.starts_with("edgecase_serial_frames_total{") && l.contains(&format!("result=\"{result}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 fn count_cases(m: &Metrics, action: &str) -> u64 {
@@ -559,119 +588,112 @@ fn start_broker(port: u16) -> Result<(), Error> {
     )))
 }
 
-/// Simulated MQTT devices, two readings a second each, misbehaving on a schedule.
-async fn mqtt_devices(port: u16, stop: CancellationToken) {
-    let mut opts = MqttOptions::new(format!("demo-devices-{}", std::process::id()), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(opts, 256);
-    let driver = tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut seq = 0u64;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let t = start.elapsed().as_secs_f64();
-        seq += 1;
-        let wave = (t / 7.0).sin();
-        // boiler-1 overheats from 8 s to 40 s, then cools down (raise, then clear).
-        let boiler = if (8.0..40.0).contains(&t) {
-            78.0 + (t - 8.0).min(10.0)
-        } else {
-            66.0 + 2.0 * wave
-        };
-        // hvac-2's humidity leaves the 20-70 % range after 5 s (raised after 30 s out).
-        let humidity = if t < 5.0 { 45.0 + 3.0 * wave } else { 85.0 + wave };
-        // pump-3's pressure sensor freezes after 3 s (stuck: 20 identical readings).
-        let pressure = if t < 3.0 { 2.5 + 0.1 * wave } else { 2.47 };
-        let mut out = vec![
-            (
-                "boiler-1",
-                "temp",
-                serde_json::json!({"value": round(boiler), "unit": "C", "seq": seq}),
-            ),
-            (
-                "hvac-2",
-                "humidity",
-                serde_json::json!({"value": round(humidity), "unit": "%", "seq": seq}),
-            ),
-            (
-                "hvac-2",
-                "temp",
-                serde_json::json!({"value": round(21.0 + wave), "unit": "C", "seq": seq}),
-            ),
-            (
-                "pump-3",
-                "pressure",
-                serde_json::json!({"value": pressure, "unit": "bar", "seq": seq}),
-            ),
-        ];
-        // meter-4 reports for a second, then goes silent (raised a minute later).
-        if t < 1.0 {
-            out.push((
-                "meter-4",
-                "power",
-                serde_json::json!({"value": round(3.2 + wave), "unit": "kW", "seq": seq}),
-            ));
-        }
-        for (device, sensor, body) in out {
-            let _ = client
-                .publish(
-                    format!("sensors/{device}/{sensor}"),
-                    QoS::AtLeastOnce,
-                    false,
-                    body.to_string(),
-                )
-                .await;
-        }
-        // Every 15 s a device sends garbage: dead-lettered, never a crash.
-        if seq.is_multiple_of(30) {
-            let _ = client
-                .publish("sensors/boiler-1/temp", QoS::AtLeastOnce, false, "{\"value\": \"hot\"}")
-                .await;
-        }
+/// The example site's devices over MQTT, as `edgecase-sim mqtt --scenario
+/// examples/sim/site.toml` runs them, until the demo stops.
+async fn mqtt_devices(port: u16, site: Scenario, stop: Stop) {
+    let target = edgecase_sim::mqtt::MqttTarget {
+        host: "127.0.0.1".into(),
+        port,
+        client_id: format!("demo-devices-{}", std::process::id()),
+        topic: "sensors/{device}/{sensor}".into(),
+        qos: 1,
+        bare: false,
+    };
+    let seed = site.seed.unwrap_or(1);
+    let report = match Report::new(None) {
+        Ok(r) => r,
+        Err(_) => return,
+    };
+    let fleet = Fleet::new(&site.device_specs(), seed);
+    let injector = Injector::new(site.bad_input.clone(), seed);
+    if let Err(e) = edgecase_sim::mqtt::run(&target, fleet, &Plan::default(), injector, &report, &stop).await {
+        tracing::warn!(error = %e, "demo MQTT devices stopped");
     }
-    let _ = client.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    driver.abort();
 }
 
-/// A tank level sensor on a serial line (newline-delimited JSON), with one garbage line.
-async fn serial_device(pty: nix::pty::OpenptyResult, stop: CancellationToken) {
-    let Ok(master) = pty.master.try_clone() else { return };
-    let mut master = std::fs::File::from(master);
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut seq = 0u64;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        seq += 1;
-        let level = 60.0 + 10.0 * (start.elapsed().as_secs_f64() / 11.0).sin();
-        let line = if seq == 12 {
-            "level=61.2 (a firmware debug line, not JSON)".to_string()
-        } else {
-            serde_json::json!({"sensor": "level", "value": round(level), "unit": "%", "seq": seq}).to_string()
-        };
-        // The pty buffer is small and the agent drains it; a write that fails means the
-        // agent has closed the port (shutting down).
-        if writeln!(master, "{line}").is_err() {
-            break;
-        }
+/// A serial line: a tank level sensor sending JSON lines (with a firmware debug line at
+/// 12 s), or a pump controller speaking the binary protocol (two damaged frames, NACKed and
+/// retransmitted).
+fn serial_devices(pty: &Pty, framing: Framing, stop: &Stop) {
+    let sensor = |name: &str, unit: &str, pattern: Pattern| SensorSpec {
+        name: name.into(),
+        unit: Some(unit.into()),
+        pattern,
+        defects: vec![],
+    };
+    let once = |kind, secs| BadInputSpec {
+        kind,
+        probability: 0.0,
+        at: Some(Duration::from_secs(secs)),
+        device: None,
+    };
+    let (device, bad) = match framing {
+        Framing::JsonLines => (
+            DeviceSpec {
+                id: "tank-5".into(),
+                interval: Duration::from_secs(1),
+                sensors: vec![sensor(
+                    "level",
+                    "%",
+                    Pattern::Sine {
+                        mean: 60.0,
+                        amplitude: 10.0,
+                        period: Duration::from_secs(70),
+                        noise: 0.2,
+                    },
+                )],
+                defects: vec![],
+            },
+            vec![once(BadInputKind::MalformedJson, 12)],
+        ),
+        Framing::Binary => (
+            DeviceSpec {
+                id: "pump-6".into(),
+                interval: Duration::from_secs(1),
+                sensors: vec![
+                    sensor(
+                        "flow",
+                        "m3/h",
+                        Pattern::RandomWalk {
+                            start: 12.0,
+                            step: 0.3,
+                            min: 8.0,
+                            max: 16.0,
+                        },
+                    ),
+                    sensor(
+                        "pressure",
+                        "bar",
+                        Pattern::Sine {
+                            mean: 3.0,
+                            amplitude: 0.2,
+                            period: Duration::from_secs(30),
+                            noise: 0.02,
+                        },
+                    ),
+                ],
+                defects: vec![],
+            },
+            vec![once(BadInputKind::Crc, 10), once(BadInputKind::Crc, 40)],
+        ),
+    };
+    let Ok(link) = Link::pty(pty) else { return };
+    let Ok(report) = Report::new(None) else { return };
+    let opts = SerialOptions {
+        framing,
+        drain: Duration::ZERO,
+        ..SerialOptions::default()
+    };
+    let fleet = Fleet::new(&[device], 5);
+    if let Err(e) = edgecase_sim::serial::run(
+        link,
+        fleet,
+        &Plan::default(),
+        Injector::new(bad, 5),
+        &opts,
+        &report,
+        stop,
+    ) {
+        tracing::warn!(error = %e, "demo serial device stopped");
     }
-    drop(pty.slave);
-}
-
-fn round(v: f64) -> f64 {
-    (v * 10.0).round() / 10.0
 }

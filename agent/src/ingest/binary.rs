@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Sequence numbers remembered per device to recognise retransmissions.
 pub const DEDUP_WINDOW: usize = 1024;
+/// Longest wait for the answers to be written to the port.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The last sequence numbers committed for one device.
 #[derive(Debug, Default)]
@@ -130,13 +132,16 @@ impl BinaryPort {
                 // Answers are small and within the limits by construction.
                 out.extend(protocol::encode(answer).unwrap_or_default());
             }
-            if let Err(e) = async {
+            // A device that stops reading must not stall the port for ever: a UART drains at
+            // its baud rate, so a write that takes this long means the line is gone.
+            let write = async {
                 stream.write_all(&out).await?;
                 stream.flush().await
-            }
-            .await
-            {
-                return Some(format!("writing acknowledgements: {e}"));
+            };
+            match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Some(format!("writing acknowledgements: {e}")),
+                Err(_) => return Some(format!("writing acknowledgements took more than {WRITE_TIMEOUT:?}")),
             }
         }
     }
