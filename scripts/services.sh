@@ -35,3 +35,4 @@ wait_for 5672 RabbitMQ
 rabbitmqctl await_startup >/dev/null 2>&1 || rabbitmqctl start_app >/dev/null
 echo "services: Mosquitto 127.0.0.1:1883 and RabbitMQ 127.0.0.1:5672 are up"
 "$(dirname "$0")/salesforce-clients.sh"
+"$(dirname "$0")/streaming-clients.sh"
