@@ -9,6 +9,7 @@ use edgecase::ingest::{Route, record};
 use edgecase::reading::{Origin, Reading, format_ms, now_ms};
 use std::path::{Path, PathBuf};
 
+mod pushtopic;
 mod salesforce;
 
 /// Edge gateway agent: reads sensor readings from MQTT and serial ports, keeps each one in
@@ -52,6 +53,9 @@ pub enum ConnectorCommand {
     /// Create (upsert) Salesforce Cases from the cases on RabbitMQ; `-i config.json` in the
     /// seed's shape (tenant + divisions).
     Salesforce(salesforce::SalesforceArgs),
+    /// Salesforce PushTopic events (Streaming API, with replay) to AMQP, in order, at least
+    /// once, resumable; `--config FILE.json` in the seed's flat property format.
+    Pushtopic(pushtopic::PushTopicArgs),
 }
 
 #[cfg(feature = "demo")]
@@ -167,6 +171,7 @@ impl Cli {
             #[cfg(feature = "demo")]
             Command::Demo(args) => demo(args).await,
             Command::Connector(ConnectorCommand::Salesforce(args)) => salesforce::run(args).await,
+            Command::Connector(ConnectorCommand::Pushtopic(args)) => pushtopic::run(args).await,
             Command::Rules(RulesCommand::Test {
                 config,
                 input,

@@ -14,6 +14,7 @@ mod crash;
 mod demo;
 mod mqtt;
 mod outage;
+mod pushtopic;
 mod rules;
 mod salesforce;
 mod serial;
