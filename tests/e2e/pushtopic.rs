@@ -215,6 +215,22 @@ fn case(subject: &str, device: &str) -> Map<String, Value> {
         .expect("object")
 }
 
+fn b64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 fn user(e: &Emulator) -> String {
     e.org.users()[0].id.clone()
 }
@@ -398,7 +414,26 @@ async fn pushtopic_offsets_api_moves_resets_and_reports() {
     let uid = user(&emulator);
     // Written before the source starts: with initial.start=latest, never delivered.
     emulator.org.create("Case", &case("before", "d"), &uid).expect("case");
-    let source = Source::start(dir.path(), &properties(&emulator, &names, dir.path(), "latest"));
+    // The JWT bearer grant, with the key in a PKCS#12 keystore given inline as in the seed.
+    let mut props = properties(&emulator, &names, dir.path(), "latest");
+    let p12 =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../salesforce-emulator/testdata/jwt-test-key.p12"))
+            .expect("read the test keystore");
+    let o = props.as_object_mut().expect("object");
+    for k in [
+        "salesforce.password",
+        "salesforce.password.token",
+        "salesforce.consumer.secret",
+    ] {
+        o.remove(k);
+    }
+    o.insert("salesforce.grant.type".into(), json!("JWT_BEARER"));
+    o.insert(
+        "salesforce.jwt.keystore.file".into(),
+        json!(format!("data:text/plain;base64,{}", b64(&p12))),
+    );
+    o.insert("salesforce.jwt.keystore.password".into(), json!("changeit"));
+    let source = Source::start(dir.path(), &props);
     source.wait_connected().await;
     // No PushTopic existed: the source created it from its properties.
     let topics = emulator.org.records("PushTopic");

@@ -31,3 +31,43 @@ pub fn private_key_pem(value: &str, password: &str) -> Result<String, String> {
     pem.push_str("-----END PRIVATE KEY-----\n");
     Ok(pem)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P12: &[u8] = include_bytes!("../../../../salesforce-emulator/testdata/jwt-test-key.p12");
+
+    #[test]
+    fn the_keystore_key_signs_assertions_the_emulator_accepts() {
+        let value = format!(
+            "data:text/plain;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(P12)
+        );
+        let pem = private_key_pem(&value, "changeit").unwrap();
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
+        let claims = serde_json::json!({"iss": "a", "sub": "b", "aud": "c", "exp": 4_000_000_000u64});
+        let jwt = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            &claims,
+            &key,
+        )
+        .unwrap();
+        let public = include_str!("../../../../salesforce-emulator/testdata/jwt-test-key.pub.pem");
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+        v.set_audience(&["c"]);
+        jsonwebtoken::decode::<serde_json::Value>(
+            &jwt,
+            &jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()).unwrap(),
+            &v,
+        )
+        .unwrap();
+        let wrong = private_key_pem(&value, "wrong").unwrap_err();
+        assert!(wrong.contains("password"), "{wrong}");
+        assert!(
+            private_key_pem("data:text/plain;base64,!!", "x")
+                .unwrap_err()
+                .contains("base64")
+        );
+    }
+}
