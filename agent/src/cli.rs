@@ -205,7 +205,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let config = load(args.config.config.as_deref())?;
     init_logging(&config);
     let data_dir = config.data_dir(args.data_dir.as_deref());
-    let agent = Agent::start(&config, data_dir)
+    let agent = Agent::start(&config, data_dir.clone())
         .await
         .context("cannot start the agent")?;
     // The [salesforce] section runs the Salesforce connector in the same process, its
@@ -225,7 +225,21 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         None => None,
     };
+    let pushtopic = match &config.pushtopic {
+        Some(section) => match pushtopic::start_section(section, &config, &data_dir) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                agent.shutdown().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     shutdown_signal().await;
+    if let Some((cancel, task)) = pushtopic {
+        cancel.cancel();
+        let _ = task.await;
+    }
     if let Some(c) = salesforce {
         c.shutdown().await;
     }

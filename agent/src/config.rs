@@ -59,6 +59,11 @@ pub struct Config {
     /// The Salesforce Case connector (`tenant` + `divisions`), run beside the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub salesforce: Option<crate::connectors::salesforce::config::SalesforceConfig>,
+    /// The Salesforce PushTopic source, run beside the agent: the seed's property names as
+    /// keys (`salesforce.object = "Case"` in TOML is the dotted name); checked when
+    /// `edgecase run` starts it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pushtopic: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -160,7 +160,7 @@ fn properties(emulator: &Emulator, names: &Names, dir: &Path, initial: &str) -> 
 }
 
 /// The exchange and the test's queue bound to it, before the source publishes (mandatory).
-async fn bind_queue(names: &Names) -> lapin::Connection {
+async fn bind_queue(names: &Names, exchange: &str) -> lapin::Connection {
     const T: Duration = Duration::from_secs(10);
     let conn = amqp_connect(T).await.expect("RabbitMQ");
     let ch = bounded("channel", T, conn.create_channel()).await.expect("channel");
@@ -169,7 +169,7 @@ async fn bind_queue(names: &Names) -> lapin::Connection {
         ..ExchangeDeclareOptions::default()
     };
     ch.exchange_declare(
-        names.cases_exchange.as_str().into(),
+        exchange.into(),
         lapin::ExchangeKind::Topic,
         durable,
         FieldTable::default(),
@@ -189,7 +189,7 @@ async fn bind_queue(names: &Names) -> lapin::Connection {
     .expect("declare the queue");
     ch.queue_bind(
         names.queue.as_str().into(),
-        names.cases_exchange.as_str().into(),
+        exchange.into(),
         "pushtopic.#".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
@@ -246,7 +246,7 @@ async fn pushtopic_events_reach_amqp_in_order_across_kill9_expired_sessions_and_
     let names = Names::new("pushtopic-crash");
     let dir = tempfile::tempdir().expect("tempdir");
     let emulator = start_emulator().await;
-    let _amqp = bind_queue(&names).await;
+    let _amqp = bind_queue(&names, &names.cases_exchange).await;
     let collector = Collector::start(&names).await;
     let uid = user(&emulator);
     // The PushTopic exists already (the source uses it), and Cases written before the
@@ -409,7 +409,7 @@ async fn pushtopic_offsets_api_moves_resets_and_reports() {
     let names = Names::new("pushtopic-offsets");
     let dir = tempfile::tempdir().expect("tempdir");
     let emulator = start_emulator().await;
-    let _amqp = bind_queue(&names).await;
+    let _amqp = bind_queue(&names, &names.cases_exchange).await;
     let collector = Collector::start(&names).await;
     let uid = user(&emulator);
     // Written before the source starts: with initial.start=latest, never delivered.
@@ -588,5 +588,65 @@ async fn pushtopic_config_errors_name_the_property() {
         "output.data.format: PROTOBUF needs a Schema Registry",
     ] {
         assert!(err.contains(key), "{key} not in:\n{err}");
+    }
+}
+
+/// The same source as a `[pushtopic]` section of the agent's TOML under `edgecase run`
+/// (quoted dotted keys, as `salesforce.password` and `salesforce.password.token` cannot both
+/// be TOML tables), with `data.dir` and `amqp.url` from the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushtopic_section_runs_under_edgecase_run() {
+    let _rabbit = RABBITMQ.read().await;
+    let mut bed = TestBed::new("pushtopic-run");
+    let emulator = start_emulator().await;
+    // Not the agent's cases exchange: the agent declares that one with its own arguments.
+    let exchange = format!("{}-sf", bed.names.base);
+    let amqp = bind_queue(&bed.names, &exchange).await;
+    let collector = Collector::start(&bed.names).await;
+    let mut section = properties(&emulator, &bed.names, bed.dir.path(), "all");
+    let o = section.as_object_mut().expect("object");
+    for k in ["amqp.url", "data.dir", "connector.class", "kafka.auth.mode"] {
+        o.remove(k);
+    }
+    o.insert("amqp.exchange".into(), json!(exchange));
+    let admin: SocketAddr = o["admin.listen"].as_str().expect("admin").parse().expect("address");
+    let name = o["name"].as_str().expect("name").to_string();
+    bed.config["pushtopic"] = section;
+    let agent = bed.start_agent();
+    let uid = user(&emulator);
+    let subscribed = wait_for(Duration::from_secs(30), || async {
+        let s = http_get(admin, &format!("/connectors/{name}/status")).await.ok()?;
+        (serde_json::from_str::<Value>(&s).ok()?["connected"] == true).then_some(())
+    })
+    .await;
+    if subscribed.is_none() {
+        agent.fail("the [pushtopic] section did not start a subscribed source");
+    }
+    for i in 0..3 {
+        emulator
+            .org
+            .create("Case", &case(&format!("run {i}"), "d"), &uid)
+            .expect("case");
+    }
+    if wait_for(Duration::from_secs(20), || async {
+        (replay_ids(&collector).len() >= 3).then_some(())
+    })
+    .await
+    .is_none()
+    {
+        agent.fail("the three events did not arrive");
+    }
+    assert!(
+        bed.data_dir().join("pushtopic/offset.json").is_file(),
+        "data.dir defaults under the agent's data dir"
+    );
+    drop(agent);
+    if let Ok(ch) = amqp.create_channel().await {
+        let _ = ch
+            .exchange_delete(
+                exchange.as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
     }
 }

@@ -9,16 +9,30 @@ use edgecase::connectors::pushtopic::{self, config::PushTopicConfig};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 
+const AFTER_HELP: &str = r#"The JSON property file, with the seed's names (README, "Salesforce PushTopic source"):
+{
+  "name": "cases-source",
+  "salesforce.grant.type": "PASSWORD",
+  "salesforce.instance": "https://login.salesforce.com",
+  "salesforce.username": "...",
+  "salesforce.password": "...",
+  "salesforce.password.token": "...",
+  "salesforce.consumer.key": "...",
+  "salesforce.consumer.secret": "...",
+  "salesforce.object": "Case",
+  "salesforce.push.topic.name": "CaseUpdates",
+  "salesforce.initial.start": "latest",
+  "output.data.format": "JSON",
+  "amqp.url": "amqp://guest:guest@127.0.0.1:5672/%2f",
+  "amqp.exchange": "edgecase.salesforce",
+  "amqp.routing.key": "pushtopic.{topic}",
+  "data.dir": "/var/lib/edgecase/pushtopic",
+  "admin.listen": "127.0.0.1:9402"
+}
+Offsets of a running source: ... --config FILE offsets get | status | delete | patch --replay-id N"#;
+
 #[derive(Debug, Args)]
-#[command(
-    after_help = "The JSON property file (the seed's names; see README, \"Salesforce PushTopic source\"):\n  \
-{\"name\": \"cases-source\", \"salesforce.grant.type\": \"PASSWORD\", \"salesforce.instance\": \"https://login.salesforce.com\",\n   \
-\"salesforce.username\": \"...\", \"salesforce.password\": \"...\", \"salesforce.password.token\": \"...\",\n   \
-\"salesforce.consumer.key\": \"...\", \"salesforce.consumer.secret\": \"...\", \"salesforce.object\": \"Case\",\n   \
-\"salesforce.push.topic.name\": \"CaseUpdates\", \"salesforce.initial.start\": \"latest\", \"output.data.format\": \"JSON\",\n   \
-\"amqp.url\": \"amqp://guest:guest@127.0.0.1:5672/%2f\", \"amqp.exchange\": \"edgecase.salesforce\",\n   \
-\"amqp.routing.key\": \"pushtopic.{topic}\", \"data.dir\": \"/var/lib/edgecase/pushtopic\", \"admin.listen\": \"127.0.0.1:9402\"}"
-)]
+#[command(after_help = AFTER_HELP)]
 pub struct PushTopicArgs {
     /// The connector's JSON property file (flat dotted names, as in the seed).
     #[arg(short = 'c', long = "config", value_name = "FILE.json")]
@@ -138,4 +152,31 @@ async fn offsets(config: &PushTopicConfig, cmd: Offsets) -> Result<()> {
         bail!("HTTP {status}");
     }
     Ok(())
+}
+
+/// The `[pushtopic]` section under `edgecase run`: validated now, run in the background.
+/// `data.dir` defaults to `{data_dir}/pushtopic`, `amqp.url` to the agent's `[amqp] url`.
+pub fn start_section(
+    section: &Value,
+    config: &Config,
+    data_dir: &std::path::Path,
+) -> Result<(tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>)> {
+    let mut props = edgecase::connectors::pushtopic::config::flatten(section);
+    props
+        .entry("data.dir")
+        .or_insert_with(|| json!(data_dir.join("pushtopic").display().to_string()));
+    props
+        .entry("amqp.url")
+        .or_insert_with(|| json!(config.amqp.url.expose()));
+    let c = PushTopicConfig::from_properties(&props, "pushtopic.")
+        .map_err(|p| anyhow!("invalid [pushtopic] section: {}", p.join("; ")))?;
+    let shared = pushtopic::open(c).context("cannot open the PushTopic source's data directory")?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let stop = cancel.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = pushtopic::serve(shared, stop).await {
+            tracing::error!(error = %format!("{e:#}"), "the PushTopic source stopped");
+        }
+    });
+    Ok((cancel, task))
 }

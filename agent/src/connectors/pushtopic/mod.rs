@@ -30,17 +30,20 @@ pub mod source;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Opens the data directory and runs the source (and its admin API when `admin.listen` is
-/// set) until `cancel`.
-pub async fn run(config: config::PushTopicConfig, cancel: CancellationToken) -> anyhow::Result<()> {
-    use anyhow::Context;
+/// Opens the data directory: the state the source and its admin API share.
+pub fn open(config: config::PushTopicConfig) -> Result<Arc<source::Shared>, offsets::StoreError> {
     let store = offsets::Store::open(&config.data_dir)?;
-    let shared = Arc::new(source::Shared {
+    Ok(Arc::new(source::Shared {
         config,
         store,
         requests: offsets::Requests::default(),
         stats: source::Stats::default(),
-    });
+    }))
+}
+
+/// Runs the source (and its admin API when `admin.listen` is set) until `cancel`.
+pub async fn serve(shared: Arc<source::Shared>, cancel: CancellationToken) -> anyhow::Result<()> {
+    use anyhow::Context;
     if let Some(addr) = shared.config.admin_listen.clone() {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -57,4 +60,9 @@ pub async fn run(config: config::PushTopicConfig, cancel: CancellationToken) -> 
     }
     source::run(shared, cancel).await?;
     Ok(())
+}
+
+/// [`open`] then [`serve`].
+pub async fn run(config: config::PushTopicConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+    serve(open(config)?, cancel).await
 }
