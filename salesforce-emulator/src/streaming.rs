@@ -841,3 +841,165 @@ async fn expire_sessions(State(s): State<Arc<Streaming>>) -> Response {
     s.expire_sessions();
     StatusCode::NO_CONTENT.into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Emulator, EmulatorConfig};
+
+    struct Bayeux {
+        s: Arc<Streaming>,
+        token: String,
+        cookie: Option<String>,
+    }
+
+    impl Bayeux {
+        async fn send(&mut self, version: &str, msgs: Value) -> (StatusCode, Value) {
+            let mut h = HeaderMap::new();
+            if !self.token.is_empty() {
+                h.insert(header::AUTHORIZATION, format!("OAuth {}", self.token).parse().unwrap());
+            }
+            if let Some(c) = &self.cookie {
+                h.insert(header::COOKIE, format!("BAYEUX_BROWSER={c}").parse().unwrap());
+            }
+            let r = bayeux(
+                State(self.s.clone()),
+                Path(version.to_string()),
+                h,
+                Bytes::from(msgs.to_string()),
+            )
+            .await;
+            let status = r.status();
+            if let Some(c) = r.headers().get(header::SET_COOKIE) {
+                let v = c.to_str().unwrap();
+                self.cookie = Some(
+                    v.split(';')
+                        .next()
+                        .unwrap()
+                        .trim_start_matches("BAYEUX_BROWSER=")
+                        .to_string(),
+                );
+            }
+            let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+            (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+        }
+
+        async fn handshake(&mut self) -> String {
+            let (_, r) = self
+                .send("58.0", json!([{"channel": "/meta/handshake", "version": "1.0", "supportedConnectionTypes": ["long-polling"], "id": "1"}]))
+                .await;
+            r[0]["clientId"].as_str().unwrap_or_default().to_string()
+        }
+
+        async fn subscribe(&mut self, client: &str, replay: i64) -> Value {
+            let (_, r) = self
+                .send("58.0", json!([{"channel": "/meta/subscribe", "clientId": client, "subscription": "/topic/T", "ext": {"replay": {"/topic/T": replay}}}]))
+                .await;
+            r[0].clone()
+        }
+
+        async fn connect(&mut self, client: &str) -> Vec<Value> {
+            let (_, r) = self
+                .send("58.0", json!([{"channel": "/meta/connect", "clientId": client, "connectionType": "long-polling", "id": 7}]))
+                .await;
+            r.as_array().cloned().unwrap_or_default()
+        }
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[tokio::test]
+    async fn errors_retention_notify_fields_and_deletes() {
+        let e = Emulator::start(EmulatorConfig::default(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        e.streaming.update_settings(|s| s.connect_timeout_ms = 200);
+        let uid = e.org.users()[0].id.clone();
+        let token = e.org.open_session(&uid, "edgecase-client-id");
+        let mut b = Bayeux {
+            s: e.streaming.clone(),
+            token: String::new(),
+            cookie: None,
+        };
+        // Versions before 37.0 and no token.
+        assert_eq!(b.send("30.0", json!([])).await.0, StatusCode::BAD_REQUEST);
+        let (_, r) = b
+            .send(
+                "58.0",
+                json!([{"channel": "/meta/handshake", "supportedConnectionTypes": ["long-polling"]}]),
+            )
+            .await;
+        assert_eq!(r[0]["error"], "403::Handshake denied");
+        assert_eq!(
+            r[0]["ext"]["sfdc"]["failureReason"],
+            "401::Request requires authentication"
+        );
+        b.token = token;
+        let client = b.handshake().await;
+        assert!(!client.is_empty());
+        // A topic that notifies updates of selected fields only, and deletes.
+        e.org
+            .create(
+                "PushTopic",
+                &obj(json!({"Name": "T", "Query": "SELECT Id, Status FROM Case", "ApiVersion": 58.0, "NotifyForFields": "Select"})),
+                &uid,
+            )
+            .unwrap();
+        // The cookie is required.
+        let cookie = b.cookie.take();
+        let r = b.subscribe(&client, -1).await;
+        assert!(r["error"].as_str().unwrap().contains("no BAYEUX_BROWSER cookie"), "{r}");
+        b.cookie = cookie;
+        assert_eq!(b.subscribe(&client, -1).await["successful"], true);
+        assert_eq!(b.connect(&client).await.last().unwrap()["advice"]["reconnect"], "retry");
+        let id = e.org.create("Case", &obj(json!({"Subject": "x"})), &uid).unwrap();
+        e.org
+            .update("Case", &id, &obj(json!({"Subject": "not selected"})), &uid)
+            .unwrap();
+        e.org
+            .update("Case", &id, &obj(json!({"Status": "Working"})), &uid)
+            .unwrap();
+        e.org.delete("Case", &id).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = b.connect(&client).await;
+        let kinds: Vec<&str> = got.iter().filter_map(|m| m["data"]["event"]["type"].as_str()).collect();
+        assert_eq!(kinds, ["created", "updated", "deleted"], "{got:?}");
+        assert_eq!(got[1]["data"]["sobject"], json!({"Id": id, "Status": "Working"}));
+        assert_eq!(got.last().unwrap()["id"], 7, "the id is echoed as sent");
+        let first = got[0]["data"]["event"]["replayId"].as_i64().unwrap();
+        // Past the retention window the id is refused; -2 then replays nothing.
+        e.streaming.update_settings(|s| s.retention_ms = 0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let c2 = b.handshake().await;
+        let r = b.subscribe(&c2, first).await;
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("400::The replayId {{{first}}} you provided was invalid")),
+            "{r}"
+        );
+        assert_eq!(b.subscribe(&c2, -2).await["successful"], true);
+        assert_eq!(b.connect(&c2).await.len(), 1, "only the connect reply");
+        // A forgotten client, then an expired session.
+        e.streaming.drop_clients();
+        let r = b.connect(&c2).await;
+        assert_eq!(r[0]["error"], "403::Unknown client");
+        assert_eq!(r[0]["advice"]["reconnect"], "handshake");
+        let c3 = b.handshake().await;
+        b.connect(&c3).await;
+        e.streaming.expire_sessions();
+        let r = b.connect(&c3).await;
+        assert_eq!(r[0]["error"], "401::Authentication invalid");
+        assert_eq!(r[0]["advice"]["reconnect"], "none");
+        let (_, r) = b
+            .send(
+                "58.0",
+                json!([{"channel": "/meta/handshake", "supportedConnectionTypes": ["long-polling"]}]),
+            )
+            .await;
+        assert_eq!(r[0]["ext"]["sfdc"]["failureReason"], "401::Authentication invalid");
+    }
+}
