@@ -739,6 +739,9 @@ async fn connect_reply(
         };
         let first = !c.connected;
         c.connected = true;
+        // A held connect keeps the client alive: the 40 s without a connect count from the
+        // end of the hold (110 s by default), not its start.
+        c.last_seen = Instant::now() + Duration::from_millis(timeout);
         (first, c.wake.clone(), timeout)
     };
     let advice = json!({"interval": 0, "timeout": timeout, "reconnect": "retry"});
@@ -749,6 +752,9 @@ async fn connect_reply(
         (events, Value::Object(r))
     };
     if first {
+        if let Some(c) = s.lock().clients.get_mut(&client_id) {
+            c.last_seen = Instant::now();
+        }
         return ok(Vec::new());
     }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout);
@@ -769,8 +775,8 @@ async fn connect_reply(
                     ),
                 );
             };
-            c.last_seen = Instant::now();
             if !c.queue.is_empty() {
+                c.last_seen = Instant::now();
                 let n = c.queue.len().min(max);
                 let events: Vec<Value> = c.queue.drain(..n).collect();
                 g.stats.events_delivered += events.len() as u64;
@@ -1001,5 +1007,35 @@ mod tests {
             )
             .await;
         assert_eq!(r[0]["ext"]["sfdc"]["failureReason"], "401::Authentication invalid");
+    }
+
+    #[tokio::test]
+    async fn a_held_connect_keeps_its_client_alive() {
+        let e = Emulator::start(EmulatorConfig::default(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        // Holds longer than the client timeout, as Salesforce's 110 s and 40 s.
+        e.streaming.update_settings(|s| {
+            s.connect_timeout_ms = 700;
+            s.client_timeout_ms = 200;
+        });
+        let uid = e.org.users()[0].id.clone();
+        let mut b = Bayeux {
+            s: e.streaming.clone(),
+            token: e.org.open_session(&uid, "edgecase-client-id"),
+            cookie: None,
+        };
+        let c = b.handshake().await;
+        b.connect(&c).await;
+        let held = b.connect(&c).await;
+        assert_eq!(held[0]["successful"], true, "{held:?}");
+        let next = b.connect(&c).await;
+        assert_eq!(
+            next[0]["successful"], true,
+            "the client survived its own hold: {next:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let late = b.connect(&c).await;
+        assert_eq!(late[0]["error"], "403::Unknown client", "{late:?}");
     }
 }

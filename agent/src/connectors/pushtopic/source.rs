@@ -98,6 +98,8 @@ struct Ctx {
     account: Account,
     version: String,
     cancel: CancellationToken,
+    /// Set once the first subscription succeeded.
+    started: bool,
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -116,7 +118,14 @@ impl Ctx {
         loop {
             match self.account.session().await {
                 Ok(s) => return Ok(s),
-                Err(e @ AuthError::Refused { .. }) => return Err(Error::Fatal(e.to_string())),
+                // Refused credentials stop a source that never ran; a running one (say, a
+                // password changed under it) keeps trying, loudly, so it resumes once fixed.
+                Err(e @ AuthError::Refused { .. }) if !self.started => return Err(Error::Fatal(e.to_string())),
+                Err(e @ AuthError::Refused { .. }) => {
+                    tracing::error!(error = %e, "Salesforce refused the login; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt).max(Duration::from_secs(5))).await;
+                }
                 Err(e) if start.elapsed() >= self.cfg().max_retry_time => {
                     return Err(Error::Fatal(format!(
                         "{e} (gave up after request.max.retries.time.ms = {} ms)",
@@ -439,6 +448,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) -> Result<(), E
         account,
         version: String::new(),
         cancel: cancel.clone(),
+        started: false,
     };
     let session = ctx.session().await?;
     shared.stats.logins.fetch_add(1, Relaxed);
@@ -501,6 +511,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) -> Result<(), E
         match subscribed {
             Ok(()) => {
                 attempt = 0;
+                ctx.started = true;
                 if let Some(previous) = applying.take() {
                     shared.requests.finish(
                         Phase::Applied,
@@ -600,11 +611,17 @@ async fn handle_failure(ctx: &Ctx, session: &Session, f: Failure, attempt: &mut 
         Failure::Auth(msg) => {
             stats.auth_failures.fetch_add(1, Relaxed);
             tracing::info!(reason = %msg, "streaming session no longer authenticated; logging in again");
-            ctx.account
-                .renew(session)
-                .await
-                .map_err(|e| Error::Fatal(e.to_string()))?;
-            stats.logins.fetch_add(1, Relaxed);
+            match ctx.account.renew(session).await {
+                Ok(_) => {
+                    stats.logins.fetch_add(1, Relaxed);
+                }
+                // The next round logs in again (and stops only if the source never ran).
+                Err(e) => {
+                    tracing::warn!(error = %e, "logging in again failed");
+                    *attempt += 1;
+                    tokio::time::sleep(backoff(*attempt)).await;
+                }
+            }
         }
         Failure::Rehandshake(msg) => {
             stats.rehandshakes.fetch_add(1, Relaxed);
