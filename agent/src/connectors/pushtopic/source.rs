@@ -538,25 +538,42 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) -> Result<(), E
             }
         }
         shared.stats.connected.store(1, Relaxed);
-        // The connect loop of one Bayeux session.
+        // The connect loop of one Bayeux session. A batch is published while the next
+        // long poll is out (the two overlap); batches still go out one after the other, in
+        // order, and an offset request is applied only between two batches.
+        let mut batch: Option<Vec<Event>> = None;
         loop {
-            let polled = tokio::select! {
-                r = client.connect() => Some(r),
-                _ = shared.requests.changed() => None,
-                _ = cancel.cancelled() => None,
+            let polled = match batch.take() {
+                Some(events) => {
+                    let both = async {
+                        tokio::join!(deliver(&shared, &mut amqp, &schema, &events, &cancel), client.connect())
+                    };
+                    tokio::select! {
+                        (delivered, r) = both => {
+                            delivered?;
+                            Some(r)
+                        }
+                        _ = cancel.cancelled() => None,
+                    }
+                }
+                None => tokio::select! {
+                    r = client.connect() => Some(r),
+                    _ = shared.requests.changed() => None,
+                    _ = cancel.cancelled() => None,
+                },
             };
             if cancel.is_cancelled() {
                 client.disconnect().await;
                 shared.stats.connected.store(0, Relaxed);
                 return Ok(());
             }
+            if shared.requests.pending().is_some() {
+                // Apply it in a new session; events of an abandoned poll come again from
+                // the stored (or requested) replay id.
+                client.disconnect().await;
+                break;
+            }
             let Some(result) = polled else {
-                if shared.requests.pending().is_some() {
-                    // Apply it in a new session; events of the abandoned poll come again
-                    // from the stored (or requested) replay id.
-                    client.disconnect().await;
-                    break;
-                }
                 continue;
             };
             match result {
@@ -573,10 +590,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) -> Result<(), E
                         }
                     }
                     if !events.is_empty() {
-                        deliver(&shared, &mut amqp, &schema, &events, &cancel).await?;
-                        if cancel.is_cancelled() {
-                            return Ok(());
-                        }
+                        batch = Some(events);
                     }
                     let interval = client.advice.interval;
                     if !interval.is_zero() {
