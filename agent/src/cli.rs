@@ -285,6 +285,11 @@ async fn demo(args: DemoArgs) -> Result<()> {
 
 fn check(args: ConfigArgs) -> Result<()> {
     let config = load(args.config.as_deref())?;
+    if let Some(section) = &config.pushtopic {
+        let props = edgecase::connectors::pushtopic::config::flatten(section);
+        edgecase::connectors::pushtopic::config::PushTopicConfig::from_properties(&props, "pushtopic.")
+            .map_err(|p| anyhow::anyhow!("invalid [pushtopic] section:\n  - {}", p.join("\n  - ")))?;
+    }
     let origin = args
         .config
         .as_deref()

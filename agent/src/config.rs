@@ -62,7 +62,10 @@ pub struct Config {
     /// The Salesforce PushTopic source, run beside the agent: the seed's property names as
     /// keys (`salesforce.object = "Case"` in TOML is the dotted name); checked when
     /// `edgecase run` starts it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::connectors::pushtopic::config::serialize_redacted"
+    )]
     pub pushtopic: Option<serde_json::Value>,
 }
 

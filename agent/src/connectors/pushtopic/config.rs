@@ -131,6 +131,38 @@ pub fn flatten(v: &Value) -> Map<String, Value> {
     out
 }
 
+/// Whether a property holds a secret (the seed types these as passwords; the AMQP URL may
+/// carry one).
+pub fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "token",
+        "secret",
+        "keystore",
+        "amqp.url",
+        "consumer.key",
+        "api.key",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+/// Serializes a `[pushtopic]` section with its secrets as `***` (for `edgecase check`).
+pub fn serialize_redacted<S: serde::Serializer>(v: &Option<Value>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::Serialize;
+    let redacted = v.as_ref().map(|v| {
+        let mut flat = flatten(v);
+        for (k, val) in flat.iter_mut() {
+            if is_secret(k) && !val.is_null() {
+                *val = Value::String("***".into());
+            }
+        }
+        Value::Object(flat)
+    });
+    redacted.serialize(s)
+}
+
 impl PushTopicConfig {
     /// Reads a JSON connector file (the seed's example works as-is, with the AMQP keys).
     pub fn from_json_file(path: &std::path::Path) -> Result<PushTopicConfig, Vec<String>> {
@@ -435,6 +467,18 @@ mod tests {
         ] {
             assert!(errs.iter().any(|e| e.starts_with(k)), "{k} missing from {errs:?}");
         }
+    }
+
+    #[test]
+    fn check_output_hides_secrets() {
+        let mut out = Vec::new();
+        let mut ser = serde_json::Serializer::new(&mut out);
+        serialize_redacted(&Some(Value::Object(seed())), &mut ser).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        for secret in ["\"pw\"", "TOKEN", "\"cs\"", "\"s\""] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("\"salesforce.object\":\"Case\""), "{text}");
     }
 
     #[test]
