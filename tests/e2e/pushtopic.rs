@@ -650,3 +650,69 @@ async fn pushtopic_section_runs_under_edgecase_run() {
             .await;
     }
 }
+
+/// A stored replay id that Salesforce no longer retains: reported, counted, and the source
+/// continues from the earliest retained event (the documented policy), losing nothing that
+/// is still retained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushtopic_stored_replay_id_past_retention_resumes_from_the_earliest_retained() {
+    let _rabbit = RABBITMQ.read().await;
+    let names = Names::new("pushtopic-retention");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emulator = start_emulator().await;
+    let _amqp = bind_queue(&names, &names.cases_exchange).await;
+    let collector = Collector::start(&names).await;
+    let uid = user(&emulator);
+    let mut source = Source::start(dir.path(), &properties(&emulator, &names, dir.path(), "latest"));
+    source.wait_connected().await;
+    for i in 0..2 {
+        emulator
+            .org
+            .create("Case", &case(&format!("old {i}"), "d"), &uid)
+            .expect("case");
+    }
+    let arrived = |n: usize| {
+        let c = &collector;
+        async move {
+            wait_for(Duration::from_secs(20), || async {
+                (replay_ids(c).len() >= n).then_some(())
+            })
+            .await
+        }
+    };
+    if arrived(2).await.is_none() {
+        source.fail("the first two events did not arrive");
+    }
+    wait_for(Duration::from_secs(5), || async {
+        (source.api("/offsets").await["offsets"][0]["offset"]["replayId"].as_i64()
+            == replay_ids(&collector).last().copied())
+        .then_some(())
+    })
+    .await;
+    source.kill9();
+    // While it is down, everything it saw leaves the retention window; two new events come.
+    emulator.streaming.update_settings(|s| s.retention_ms = 0);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    emulator
+        .streaming
+        .update_settings(|s| s.retention_ms = 24 * 3600 * 1000);
+    for i in 0..2 {
+        emulator
+            .org
+            .create("Case", &case(&format!("new {i}"), "d"), &uid)
+            .expect("case");
+    }
+    source.spawn();
+    if arrived(4).await.is_none() {
+        source.fail("the events retained after the gap did not arrive");
+    }
+    let stats = source.api("/status").await;
+    assert_eq!(stats["invalid_replay"], 1, "{stats}");
+    let log = std::fs::read_to_string(&source.log).unwrap_or_default();
+    assert!(
+        log.contains("no longer retains the stored replay id"),
+        "the gap is reported:\n{log}"
+    );
+    let ids = replay_ids(&collector);
+    assert_eq!(ids.len(), 4, "no duplicate: {ids:?}");
+}

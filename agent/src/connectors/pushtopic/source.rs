@@ -202,7 +202,8 @@ impl Ctx {
                 &format!("/sobjects/{}/describe", cfg.object),
                 None,
             )
-            .await?;
+            .await
+            .map_err(|e| Error::Fatal(format!("salesforce.object {}: cannot describe it: {e}", cfg.object)))?;
         let types: Vec<(String, String)> = describe["fields"]
             .as_array()
             .into_iter()
