@@ -74,4 +74,5 @@ for lib in /usr/include/sql.h /usr/lib/x86_64-linux-gnu/odbc/psqlodbcw.so /usr/l
 done
 
 "$(dirname "$0")/salesforce-clients.sh"
+"$(dirname "$0")/streaming-clients.sh"
 echo "services: Mosquitto 1883, RabbitMQ 5672, PostgreSQL 5432 and MariaDB 3306 are up on 127.0.0.1"

@@ -9,6 +9,7 @@ use edgecase::ingest::{Route, record};
 use edgecase::reading::{Origin, Reading, format_ms, now_ms};
 use std::path::{Path, PathBuf};
 
+mod pushtopic;
 mod salesforce;
 
 /// Edge gateway agent: reads sensor readings from MQTT and serial ports, keeps each one in
@@ -57,6 +58,9 @@ pub enum ConnectorCommand {
     /// the `odbc` feature): select-and-send, get-and-write, subscribe-and-write.
     #[command(subcommand)]
     Db(edgecase::connectors::db::cli::DbCommand),
+    /// Salesforce PushTopic events (Streaming API, with replay) to AMQP, in order, at least
+    /// once, resumable; `--config FILE.json` in the seed's flat property format.
+    Pushtopic(pushtopic::PushTopicArgs),
 }
 
 /// Ends the process with this status, after the command printed its own message.
@@ -189,6 +193,7 @@ impl Cli {
             Command::Demo(args) => demo(args).await,
             Command::Connector(ConnectorCommand::Salesforce(args)) => salesforce::run(args).await,
             Command::Connector(ConnectorCommand::Db(cmd)) => connector_db(cmd).await,
+            Command::Connector(ConnectorCommand::Pushtopic(args)) => pushtopic::run(args).await,
             Command::Rules(RulesCommand::Test {
                 config,
                 input,
@@ -222,7 +227,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let config = load(args.config.config.as_deref())?;
     init_logging(&config);
     let data_dir = config.data_dir(args.data_dir.as_deref());
-    let agent = Agent::start(&config, data_dir)
+    let agent = Agent::start(&config, data_dir.clone())
         .await
         .context("cannot start the agent")?;
     // The [salesforce] section runs the Salesforce connector in the same process, its
@@ -242,7 +247,21 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         None => None,
     };
+    let pushtopic = match &config.pushtopic {
+        Some(section) => match pushtopic::start_section(section, &config, &data_dir) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                agent.shutdown().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     shutdown_signal().await;
+    if let Some((cancel, task)) = pushtopic {
+        cancel.cancel();
+        let _ = task.await;
+    }
     if let Some(c) = salesforce {
         c.shutdown().await;
     }
@@ -324,6 +343,11 @@ async fn connector_db(cmd: edgecase::connectors::db::cli::DbCommand) -> Result<(
 
 fn check(args: ConfigArgs) -> Result<()> {
     let config = load(args.config.as_deref())?;
+    if let Some(section) = &config.pushtopic {
+        let props = edgecase::connectors::pushtopic::config::flatten(section);
+        edgecase::connectors::pushtopic::config::PushTopicConfig::from_properties(&props, "pushtopic.")
+            .map_err(|p| anyhow::anyhow!("invalid [pushtopic] section:\n  - {}", p.join("\n  - ")))?;
+    }
     let origin = args
         .config
         .as_deref()

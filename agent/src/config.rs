@@ -63,6 +63,14 @@ pub struct Config {
     /// Connectors run by `edgecase connector ...` (`[connector.db]`).
     #[serde(skip_serializing_if = "crate::connectors::ConnectorConfig::is_empty")]
     pub connector: crate::connectors::ConnectorConfig,
+    /// The Salesforce PushTopic source, run beside the agent: the seed's property names as
+    /// keys (`salesforce.object = "Case"` in TOML is the dotted name); checked when
+    /// `edgecase run` starts it.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::connectors::pushtopic::config::serialize_redacted"
+    )]
+    pub pushtopic: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

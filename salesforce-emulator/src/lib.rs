@@ -11,6 +11,7 @@
 //! - [`http`]: Salesforce's URLs and bodies on top of it (axum).
 //! - [`soql`]: the query subset.
 //! - [`ids`]: 15/18-character record ids.
+//! - [`streaming`]: the Streaming API (PushTopics over Bayeux/CometD, with replay).
 //!
 //! Start it in-process with [`Emulator::start`], or as `edgecase-sim salesforce`.
 //! [`org::Org::subscribe_changes`] delivers every record change, for a Streaming API.
@@ -19,6 +20,7 @@ pub mod http;
 pub mod ids;
 pub mod org;
 pub mod soql;
+pub mod streaming;
 
 use org::{Org, OrgSetup, Settings};
 use std::net::SocketAddr;
@@ -108,6 +110,7 @@ pub enum Error {
 /// A running emulator; dropping it stops the server.
 pub struct Emulator {
     pub org: Arc<Org>,
+    pub streaming: Arc<streaming::Streaming>,
     pub addr: SocketAddr,
     base_url: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -133,10 +136,13 @@ impl Emulator {
             custom_fields: config.custom_fields,
             settings: config.settings,
         }));
+        org.add_object(streaming::push_topic_schema());
+        let streaming = streaming::Streaming::start(org.clone());
         let app = http::router(Arc::new(http::AppState {
             org: org.clone(),
             base_url: base_url.clone(),
-        }));
+        }))
+        .merge(streaming::router(streaming.clone()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         match acceptor {
             None => {
@@ -155,6 +161,7 @@ impl Emulator {
         }
         Ok(Emulator {
             org,
+            streaming,
             addr,
             base_url,
             stop: Some(stop),

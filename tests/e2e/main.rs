@@ -16,6 +16,7 @@ mod db;
 mod demo;
 mod mqtt;
 mod outage;
+mod pushtopic;
 mod python;
 mod rules;
 mod salesforce;

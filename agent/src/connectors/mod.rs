@@ -1,8 +1,10 @@
 //! Broker-side connectors, beside the agent in the same binary (`edgecase connector ...`)
 //! and as library calls: they consume what the agents publish and write it elsewhere (a
-//! Salesforce org, an SQL database), or read a database and publish.
+//! Salesforce org, an SQL database), read a database and publish, or stream Salesforce
+//! record changes (PushTopic events) onto the broker.
 
 pub mod db;
+pub mod pushtopic;
 pub mod salesforce;
 
 use serde::{Deserialize, Serialize};

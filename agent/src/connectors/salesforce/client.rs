@@ -233,6 +233,24 @@ pub struct Account {
     generation: std::sync::atomic::AtomicU64,
 }
 
+/// What a login needs, independent of any connector's config shape: the Case connector
+/// builds it from a division, the PushTopic source from its flat properties.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub username: String,
+    /// The login host, e.g. `https://login.salesforce.com`.
+    pub login_url: String,
+    pub client_id: String,
+    pub client_secret: Option<Secret>,
+    pub grant: Grant,
+    /// The password with the security token appended (password grant).
+    pub password: Option<Secret>,
+    /// The PEM private key that signs JWT bearer assertions.
+    pub private_key: Option<Secret>,
+    /// The JWT `aud`; the login host when `None`.
+    pub audience: Option<String>,
+}
+
 impl Account {
     pub fn new(http: reqwest::Client, resolved: &Resolved, d: &Division) -> Account {
         Account {
@@ -245,6 +263,23 @@ impl Account {
             password: d.password.clone(),
             private_key: d.private_key.clone(),
             audience: d.config.audience.clone().unwrap_or_else(|| d.login_url.clone()),
+            session: Mutex::new(None),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn from_credentials(http: reqwest::Client, c: Credentials) -> Account {
+        let login_url = c.login_url.trim_end_matches('/').to_string();
+        Account {
+            http,
+            username: c.username,
+            audience: c.audience.unwrap_or_else(|| login_url.clone()),
+            login_url,
+            client_id: c.client_id,
+            client_secret: c.client_secret,
+            grant: c.grant,
+            password: c.password,
+            private_key: c.private_key,
             session: Mutex::new(None),
             generation: std::sync::atomic::AtomicU64::new(0),
         }
