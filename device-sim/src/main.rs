@@ -239,6 +239,11 @@ fn stop_on_ctrl_c(rt: &tokio::runtime::Runtime) -> Stop {
     rt.spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             s.store(true, Ordering::Relaxed);
+            // The binary framing then waits for outstanding ACKs; a second Ctrl-C quits.
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("edgecase-sim: stopped without waiting for the outstanding acknowledgements");
+                std::process::exit(130);
+            }
         }
     });
     stop

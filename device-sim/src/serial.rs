@@ -118,13 +118,22 @@ impl Pty {
 pub struct Link {
     writer: Box<dyn Write + Send>,
     reader: Box<dyn Read + Send>,
+    /// For a pty: the descriptor to wait on when a read would block.
+    readable: Option<OwnedFd>,
 }
 
 impl Link {
+    /// The master side of `p`, non-blocking: a line nobody reads (the agent is away) must
+    /// not stop the devices' clocks, as a UART would not.
     pub fn pty(p: &Pty) -> io::Result<Link> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let master = p.master()?;
+        let flags = OFlag::from_bits_truncate(fcntl(&master, FcntlArg::F_GETFL)?);
+        fcntl(&master, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
         Ok(Link {
-            writer: Box::new(p.master()?),
+            writer: Box::new(master),
             reader: Box::new(p.master()?),
+            readable: Some(OwnedFd::from(p.master()?)),
         })
     }
 
@@ -137,12 +146,13 @@ impl Link {
         Ok(Link {
             writer: Box::new(port),
             reader: Box::new(reader),
+            readable: None,
         })
     }
 
     /// Reads answers on a thread: decoded messages arrive on the channel. Bytes that do not
     /// decode are skipped, as firmware would.
-    fn answers(reader: Box<dyn Read + Send>) -> mpsc::Receiver<Option<Message>> {
+    fn answers(reader: Box<dyn Read + Send>, readable: Option<OwnedFd>) -> mpsc::Receiver<Option<Message>> {
         let (tx, rx) = mpsc::channel();
         let mut reader = reader;
         std::thread::spawn(move || {
@@ -161,6 +171,14 @@ impl Link {
                             }
                         }
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => match &readable {
+                        Some(fd) => {
+                            use std::os::fd::AsFd;
+                            let mut fds = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+                            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+                        }
+                        None => std::thread::sleep(Duration::from_millis(5)),
+                    },
                     Err(e) if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {
                         // A pty whose other side is not open reads EIO: wait and retry, and
@@ -189,9 +207,17 @@ pub fn run(
     stop: &Stop,
 ) -> io::Result<()> {
     let paced = plan.apply(&mut fleet);
-    let Link { mut writer, reader } = link;
+    let Link {
+        writer,
+        reader,
+        readable,
+    } = link;
+    let mut outbox = Outbox {
+        w: writer,
+        pending: Vec::new(),
+    };
     let mut out = Output {
-        writer: &mut *writer,
+        writer: &mut outbox,
         report,
         opts,
         json_seq: HashMap::new(),
@@ -201,6 +227,12 @@ pub fn run(
     let mut schedule = Schedule::new(&fleet, paced, start);
     if opts.framing == Framing::JsonLines {
         while !stop.load(Ordering::Relaxed) && !plan.done(report.readings_sent(), start.elapsed()) {
+            // The line is full (nobody reads it): wait, as a UART's sender would.
+            if out.writer.backlog() > BACKLOG_MAX {
+                out.writer.flush()?;
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
             match schedule.pop_due(Instant::now()) {
                 Some(i) => {
                     let tick = fleet.tick(i);
@@ -217,7 +249,12 @@ pub fn run(
             }
         }
         out.flush_held()?;
-        return out.writer.flush();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.writer.backlog() > 0 && !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            out.writer.flush()?;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        return Ok(());
     }
 
     // Binary: the devices are firmware.
@@ -240,7 +277,7 @@ pub fn run(
         by_id.insert(wire_id.clone(), i);
         devices.push(Firmware::new(&wire_id, first, opts.window).with_timeouts(opts.ack_timeout, opts.ack_timeout_max));
     }
-    let answers = Link::answers(reader);
+    let answers = Link::answers(reader, readable);
     // A lone delimiter first, as after a reset (section 7.4).
     out.writer.write_all(&[0])?;
     let mut drain_until: Option<Instant> = None;
@@ -272,7 +309,15 @@ pub fn run(
             if outstanding == 0 || stop.load(Ordering::Relaxed) && drain_until.is_none() && opts.drain.is_zero() {
                 break;
             }
-            let until = *drain_until.get_or_insert(now + opts.drain);
+            let until = *drain_until.get_or_insert_with(|| {
+                if stop.load(Ordering::Relaxed) {
+                    eprintln!(
+                        "edgecase-sim: stopping; waiting up to {:?} for {outstanding} unacknowledged frame(s) (Ctrl-C again to quit)",
+                        opts.drain
+                    );
+                }
+                now + opts.drain
+            });
             if now >= until {
                 eprintln!(
                     "edgecase-sim: {outstanding} frame(s) still unacknowledged after waiting {:?}",
@@ -281,7 +326,9 @@ pub fn run(
                 break;
             }
         }
-        for d in &mut devices {
+        // While the line is full, the devices hold their frames (their timers run on).
+        let line_free = out.writer.backlog() <= BACKLOG_MAX;
+        for d in devices.iter_mut().filter(|_| line_free) {
             let before = d.stats.retransmissions;
             let due = d.due(now);
             let retrans = d.stats.retransmissions - before;
@@ -299,7 +346,7 @@ pub fn run(
             }
         }
         // Wait for an answer, the next tick or the next retransmission.
-        let mut wake = now + Duration::from_millis(50);
+        let mut wake = now + Duration::from_millis(if out.writer.backlog() > 0 { 2 } else { 50 });
         if producing && let Some(due) = schedule.next_due() {
             wake = wake.min(due);
         }
@@ -360,8 +407,53 @@ impl Firmware {
     }
 }
 
+/// Bytes waiting for room on the line: writes never block the devices.
+struct Outbox {
+    w: Box<dyn Write + Send>,
+    pending: Vec<u8>,
+}
+
+/// Above this, the devices stop adding to the line until it drains.
+const BACKLOG_MAX: usize = 64 * 1024;
+
+impl Outbox {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.pending.extend_from_slice(bytes);
+        self.flush()
+    }
+
+    /// Writes what the line takes now.
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            match self.w.write(&self.pending) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match self.w.flush() {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::TimedOut => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn backlog(&self) -> usize {
+        self.pending.len()
+    }
+}
+
 struct Output<'a> {
-    writer: &'a mut (dyn Write + Send),
+    writer: &'a mut Outbox,
     report: &'a Report,
     opts: &'a SerialOptions,
     /// JSON lines: each device's next reading number.
