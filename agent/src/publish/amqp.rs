@@ -415,6 +415,13 @@ async fn publish_row(channel: &Channel, row: &StoredRecord) -> Result<lapin::Pub
 /// (each with the unrouted alternate exchange), the dead-letter exchange, and the durable
 /// queue that keeps unrouted messages.
 pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> Result<(), Error> {
+    declare_exchanges(channel, cfg, &[&cfg.readings_exchange, &cfg.cases_exchange]).await
+}
+
+/// The topology with only the given topic exchanges (each with the unrouted alternate
+/// exchange): a connector declares the ones it uses with the agent's arguments, so either
+/// may start first.
+pub async fn declare_exchanges(channel: &Channel, cfg: &AmqpConfig, topic_exchanges: &[&str]) -> Result<(), Error> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -454,9 +461,9 @@ pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> Result<(),
         "alternate-exchange".into(),
         AMQPValue::LongString(cfg.unrouted_exchange.as_str().into()),
     );
-    for name in [&cfg.readings_exchange, &cfg.cases_exchange] {
+    for name in topic_exchanges {
         channel
-            .exchange_declare(name.as_str().into(), ExchangeKind::Topic, durable, with_ae.clone())
+            .exchange_declare((*name).into(), ExchangeKind::Topic, durable, with_ae.clone())
             .await
             .map_err(|e| topology(&format!("exchange {name}"), e))?;
     }

@@ -799,69 +799,14 @@ impl Shared {
 /// The cases exchange, its alternate exchange and queue, and the dead-letter exchange,
 /// with the same arguments the agent uses, so either may start first.
 async fn declare_exchanges(channel: &Channel, cfg: &AmqpConfig) -> Result<(), String> {
-    use lapin::ExchangeKind;
-    use lapin::options::ExchangeDeclareOptions;
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    let named = |what: &str, e: lapin::Error| {
-        format!("{what}: {e} (it exists with other settings; delete it or choose another name in tenant.amqp)")
-    };
-    channel
-        .exchange_declare(
-            cfg.unrouted_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
+    crate::publish::amqp::declare_exchanges(channel, cfg, &[&cfg.cases_exchange])
         .await
-        .map_err(|e| named(&format!("exchange {}", cfg.unrouted_exchange), e))?;
-    channel
-        .queue_declare(
-            cfg.unrouted_queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| named(&format!("queue {}", cfg.unrouted_queue), e))?;
-    channel
-        .queue_bind(
-            cfg.unrouted_queue.as_str().into(),
-            cfg.unrouted_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut with_ae = FieldTable::default();
-    with_ae.insert(
-        "alternate-exchange".into(),
-        AMQPValue::LongString(cfg.unrouted_exchange.as_str().into()),
-    );
-    channel
-        .exchange_declare(
-            cfg.cases_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            with_ae,
-        )
-        .await
-        .map_err(|e| named(&format!("exchange {}", cfg.cases_exchange), e))?;
-    channel
-        .exchange_declare(
-            cfg.dead_letter_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| named(&format!("exchange {}", cfg.dead_letter_exchange), e))?;
-    Ok(())
+        .map_err(|e| match e {
+            crate::publish::amqp::Error::Topology(what) => {
+                format!("{what} (it exists with other settings; delete it or choose another name in tenant.amqp)")
+            }
+            other => other.to_string(),
+        })
 }
 
 enum Reason {
