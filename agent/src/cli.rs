@@ -323,6 +323,10 @@ async fn demo(args: DemoArgs) -> Result<()> {
     for c in &s.salesforce_cases {
         println!("  salesforce: {c}");
     }
+    println!(
+        "  case events back {} (PushTopic events on the broker, for {} Case changes in Salesforce)",
+        s.case_events_back, s.case_changes
+    );
     Ok(())
 }
 

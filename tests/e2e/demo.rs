@@ -98,6 +98,25 @@ async fn demo_runs_a_minute_without_services_and_raises_cases() {
             .any(|l| l.contains("salesforce: 00001001 Closed boiler-1: temp at")),
         "{stdout}"
     );
+    // The loop closes: each Case change came back through the PushTopic source onto the
+    // queue, the boiler's Case as created and then as closed.
+    let back = line_value(&stdout, "case events back");
+    assert!(back > raised, "{stdout}");
+    assert!(
+        stdout.contains(&format!("for {back} Case changes in Salesforce")),
+        "one event per Case change:\n{stdout}"
+    );
+    for event in [
+        "Case 00001001 created (device boiler-1)",
+        "Case 00001001 updated (device boiler-1) Status=\"Closed\"",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.contains("PUSHTOPIC /topic/EdgecaseDemoCases") && l.contains(event)),
+            "no PushTopic event {event:?}:\n{stdout}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -202,6 +221,17 @@ async fn demo_with_amqp_delivers_to_rabbitmq() {
         readings + cases,
         published,
         "the queue got what the demo says it published\n{stdout}"
+    );
+    // The Cases' PushTopic events came back through RabbitMQ (read back by the demo).
+    let back = line_value(&stdout, "case events back");
+    assert!(back >= 2, "{stdout}");
+    assert!(
+        stdout.contains(&format!("for {back} Case changes in Salesforce")),
+        "one event per Case change:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("PUSHTOPIC /topic/EdgecaseDemoCases replay 1 -> edgecase.salesforce pushtopic.EdgecaseDemoCases: Case 00001001 created"),
+        "{stdout}"
     );
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -32,9 +32,18 @@ use tokio_util::sync::CancellationToken;
 
 /// Opens the data directory: the state the source and its admin API share.
 pub fn open(config: config::PushTopicConfig) -> Result<Arc<source::Shared>, offsets::StoreError> {
+    open_to(config, source::Destination::Amqp)
+}
+
+/// [`open`], with the events going to `destination`.
+pub fn open_to(
+    config: config::PushTopicConfig,
+    destination: source::Destination,
+) -> Result<Arc<source::Shared>, offsets::StoreError> {
     let store = offsets::Store::open(&config.data_dir)?;
     Ok(Arc::new(source::Shared {
         config,
+        destination,
         store,
         requests: offsets::Requests::default(),
         stats: source::Stats::default(),

@@ -79,9 +79,19 @@ pub enum Error {
 /// What the source shares with the admin API.
 pub struct Shared {
     pub config: PushTopicConfig,
+    pub destination: Destination,
     pub store: Store,
     pub requests: Requests,
     pub stats: Stats,
+}
+
+/// Where the events go.
+pub enum Destination {
+    /// RabbitMQ at `amqp.url`: persistent, mandatory, with publisher confirms.
+    Amqp,
+    /// `edgecase demo`'s in-process stand-in for the broker: an event counts as delivered
+    /// once the channel took it, as the agent's in-process publisher does.
+    InProcess(tokio::sync::mpsc::Sender<crate::publish::memory::Delivery>),
 }
 
 /// The PushTopic as found or created: its fields and their types, for the schema.
@@ -375,12 +385,40 @@ async fn amqp_connect(cfg: &PushTopicConfig) -> Result<Amqp, String> {
     })
 }
 
+/// The AMQP `message_id` of an event: stable across redeliveries, so consumers can drop
+/// the duplicates a crash can cause.
+fn message_id(cfg: &PushTopicConfig, e: &Event) -> String {
+    format!("{}/{}", cfg.channel(), e.replay_id)
+}
+
+/// Hands a batch to the in-process queue, in order.
+async fn hand_over(
+    queue: &tokio::sync::mpsc::Sender<crate::publish::memory::Delivery>,
+    cfg: &PushTopicConfig,
+    schema: &Value,
+    events: &[Event],
+) -> Result<(), Error> {
+    for e in events {
+        let delivery = crate::publish::memory::Delivery {
+            exchange: cfg.exchange.clone(),
+            routing_key: cfg.routing_key(),
+            message_id: message_id(cfg, e),
+            device_id: String::new(),
+            payload: format::body(cfg.output_format, &cfg.object, schema, e),
+        };
+        queue
+            .send(delivery)
+            .await
+            .map_err(|_| Error::Fatal("the in-process queue is closed".into()))?;
+    }
+    Ok(())
+}
+
 /// Publishes a batch in order and waits for every confirm. Unroutable (returned) or nacked
 /// messages fail the batch: it is published again, never skipped.
 async fn publish_batch(amqp: &Amqp, cfg: &PushTopicConfig, schema: &Value, events: &[Event]) -> Result<(), String> {
     let mut confirms = Vec::with_capacity(events.len());
     let rk = cfg.routing_key();
-    let channel_name = cfg.channel();
     for e in events {
         let mut headers = FieldTable::default();
         headers.insert("x-replay-id".into(), AMQPValue::LongLongInt(e.replay_id));
@@ -395,7 +433,7 @@ async fn publish_batch(amqp: &Amqp, cfg: &PushTopicConfig, schema: &Value, event
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
-            .with_message_id(format!("{channel_name}/{}", e.replay_id).into())
+            .with_message_id(message_id(cfg, e).into())
             .with_timestamp((crate::reading::now_ms() / 1000).max(0) as u64)
             .with_headers(headers);
         let body = format::body(cfg.output_format, &cfg.object, schema, e);
@@ -666,6 +704,12 @@ async fn deliver(
     let cfg = &shared.config;
     let mut attempt = 0;
     loop {
+        if let Destination::InProcess(queue) = &shared.destination {
+            tokio::select! {
+                r = hand_over(queue, cfg, schema, events) => { r?; break }
+                _ = cancel.cancelled() => return Ok(()),
+            }
+        }
         if amqp.is_none() {
             match amqp_connect(cfg).await {
                 Ok(a) => *amqp = Some(a),

@@ -12,11 +12,15 @@
 //! in-process queue, the DB connector's writer stores every reading and case event in a
 //! SQLite database (`--db`, named at the end), and the cases go on to a local Salesforce
 //! emulator through the Salesforce connector's upserts (with `--amqp`, the connector itself
-//! consumes RabbitMQ). Live counts while it runs, each Case as it appears in the emulator,
-//! a summary at the end.
+//! consumes RabbitMQ). The loop closes through the PushTopic source ([`pushtopic`]): each
+//! Case created or updated in the emulator comes back onto the broker as a PushTopic event.
+//! Live counts while it runs, each Case as it appears in the emulator and as its event
+//! comes back, a summary at the end.
 //!
 //! This module is compiled only with the `demo` feature, which the gateway build leaves
 //! out: the embedded broker is a large dependency that a gateway does not need.
+
+mod pushtopic;
 
 use crate::agent::{Agent, Output};
 use crate::config::{Config, SerialFraming, SerialPortConfig};
@@ -36,9 +40,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// The example gateway config: its rules are the demo's rules.
-const EXAMPLE_CONFIG: &str = include_str!("../../examples/gateway.toml");
+const EXAMPLE_CONFIG: &str = include_str!("../../../examples/gateway.toml");
 /// The MQTT devices: the example site of the simulator.
-const SITE: &str = include_str!("../../examples/sim/site.toml");
+const SITE: &str = include_str!("../../../examples/sim/site.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -80,6 +84,10 @@ pub struct Summary {
     pub database: Option<(PathBuf, u64, u64)>,
     /// The Cases in the Salesforce emulator at the end: number, status, subject.
     pub salesforce_cases: Vec<String>,
+    /// Case changes in the emulator (created, updated), and the PushTopic events that came
+    /// back onto the broker for them.
+    pub case_changes: u64,
+    pub case_events_back: u64,
 }
 
 /// Runs the demo until Ctrl-C, SIGTERM or the duration, and returns what happened.
@@ -136,6 +144,8 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
         ),
     };
     let (deliveries_tx, deliveries_rx) = mpsc::channel(1024);
+    // The PushTopic source shares the in-process queue with the agent.
+    let events_tx = opts.amqp.is_none().then(|| deliveries_tx.clone());
     let output = match opts.amqp {
         Some(_) => {
             // Nothing feeds the in-process consumer; it ends at once.
@@ -171,7 +181,19 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
         }
     };
     let changes = emulator.org.subscribe_changes();
-    let printer = tokio::spawn(print_salesforce_changes(changes));
+    let case_changes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let printer = tokio::spawn(print_salesforce_changes(changes, case_changes.clone()));
+    let case_events =
+        match pushtopic::CaseEvents::start(emulator.url(), &data_dir, opts.amqp.as_deref(), events_tx).await {
+            Ok(c) => c,
+            Err(e) => {
+                agent.shutdown().await;
+                return Err(e);
+            }
+        };
+    if !case_events.subscribed(Duration::from_secs(10)).await {
+        println!("edgecase demo: the PushTopic source has not subscribed yet; its events come when it does");
+    }
     println!(
         "edgecase demo: embedded MQTT broker on 127.0.0.1:{broker_port}, serial devices on {} (JSON lines) and {} (binary frames)",
         json_pty.path.display(),
@@ -190,6 +212,13 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
         emulator.url(),
         emulator.url()
     );
+    println!(
+        "edgecase demo: PushTopic {} on the emulator sends each Case change back to {}, exchange {}, routing key {}",
+        pushtopic::TOPIC,
+        if opts.amqp.is_some() { "RabbitMQ" } else { "the queue" },
+        case_events.shared.config.exchange,
+        case_events.shared.config.routing_key()
+    );
     println!("edgecase demo: rules from examples/gateway.toml; some devices misbehave on purpose. Ctrl-C to stop.");
 
     let devices: Stop = Arc::new(AtomicBool::new(false));
@@ -200,7 +229,8 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     let (d, p) = (devices.clone(), binary_pty);
     tasks.spawn_blocking(move || serial_devices(&p, Framing::Binary, &d));
     let to_db = writers.as_ref().map(|w| (w.readings.clone(), w.cases.clone()));
-    let consumer = tokio::spawn(consume(deliveries_rx, to_db, direct));
+    let events_exchange = case_events.shared.config.exchange.clone();
+    let consumer = tokio::spawn(consume(deliveries_rx, to_db, direct, events_exchange));
 
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut every = tokio::time::interval(opts.report_every);
@@ -216,6 +246,16 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
     agent.shutdown().await;
     devices.store(true, Ordering::Relaxed);
     while tasks.join_next().await.is_some() {}
+    // In-process, the consumer ends once the source has stopped too (they share the
+    // queue): the source first gets the time to bring the last Case changes back.
+    let grace = Duration::from_secs(5);
+    let mut case_events = Some(case_events);
+    let mut case_events_back = 0;
+    if opts.amqp.is_none()
+        && let Some(c) = case_events.take()
+    {
+        case_events_back = c.finish(&case_changes, grace).await;
+    }
     let seen = consumer.await.unwrap_or_default();
     // A database that could not be written is reported, not a failed demo.
     let database = match writers {
@@ -239,6 +279,9 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
             delete_queues(url, &sf_queues).await;
         }
     }
+    if let Some(c) = case_events.take() {
+        case_events_back = c.finish(&case_changes, grace).await;
+    }
     printer.abort();
     let salesforce_cases = emulator
         .cases()
@@ -261,6 +304,8 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> Result<Summary, 
         case_subjects: seen,
         database,
         salesforce_cases,
+        case_changes: case_changes.load(Ordering::Relaxed),
+        case_events_back,
     };
     if temporary {
         let _ = std::fs::remove_dir_all(&data_dir);
@@ -443,9 +488,10 @@ async fn delete_queues(url: &str, queues: &[String]) {
     let _ = conn.close(200, "demo done".into()).await;
 }
 
-/// Prints each Case as the emulator creates or updates it.
+/// Prints each Case as the emulator creates or updates it, and counts those changes.
 async fn print_salesforce_changes(
     mut changes: tokio::sync::broadcast::Receiver<salesforce_emulator::org::ChangeEvent>,
+    count: Arc<std::sync::atomic::AtomicU64>,
 ) {
     use salesforce_emulator::org::ChangeKind;
     loop {
@@ -460,6 +506,12 @@ async fn print_salesforce_changes(
             ChangeKind::Updated => "updated",
             ChangeKind::Deleted => "deleted",
         };
+        if e.object != "Case" {
+            continue;
+        }
+        if !matches!(e.kind, ChangeKind::Deleted) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
         println!(
             "  SALESFORCE Case {} {what} (device {}): Status={:?} Subject={:?}",
             f("CaseNumber"),
@@ -470,16 +522,21 @@ async fn print_salesforce_changes(
     }
 }
 
-/// The demo's stand-in for the broker's consumers: hands every message to the DB
-/// connector, prints each case and hands it to the Salesforce upserts. Returns the subjects
-/// of the cases raised.
+/// The demo's stand-in for the broker's consumers: hands every reading and case to the DB
+/// connector, prints each case and hands it to the Salesforce upserts, prints the PushTopic
+/// events (on `events_exchange`). Returns the subjects of the cases raised.
 async fn consume(
     mut rx: mpsc::Receiver<Delivery>,
     to_db: Option<(mpsc::Sender<Incoming>, mpsc::Sender<Incoming>)>,
     salesforce: Option<std::sync::Arc<crate::connectors::salesforce::direct::DirectSink>>,
+    events_exchange: String,
 ) -> Vec<String> {
     let mut subjects = Vec::new();
     while let Some(d) = rx.recv().await {
+        if d.exchange == events_exchange {
+            pushtopic::print_event(&d.exchange, &d.routing_key, &d.payload);
+            continue;
+        }
         let is_case = d.routing_key.starts_with("case.");
         if let Some((readings, cases)) = &to_db {
             let incoming = Incoming {
