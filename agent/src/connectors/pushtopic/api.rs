@@ -8,7 +8,7 @@
 //! | `GET /connectors/{name}/status` | 200 counts (events published, handshakes, re-logins, ...) |
 //! | `GET /healthz` | 200 |
 
-use super::offsets::{offsets_json, parse_request, request_json, status_json};
+use super::offsets::{Refused, offsets_json, parse_request, request_json, status_json};
 use super::source::Shared;
 use axum::Router;
 use axum::body::Bytes;
@@ -65,7 +65,14 @@ async fn post_request(State(s): State<Arc<Shared>>, Path(name): Path<String>, bo
     };
     match s.requests.submit(change) {
         Ok(r) => reply(StatusCode::ACCEPTED, request_json(&s.config.name, &r)),
-        Err(e) => reply(StatusCode::CONFLICT, json!({"error_code": 409, "message": e})),
+        Err(e @ Refused::Pending(_)) => reply(
+            StatusCode::CONFLICT,
+            json!({"error_code": 409, "message": e.to_string()}),
+        ),
+        Err(e @ Refused::Unstored(_)) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error_code": 500, "message": e.to_string()}),
+        ),
     }
 }
 

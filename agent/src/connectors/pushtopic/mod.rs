@@ -41,11 +41,12 @@ pub fn open_to(
     destination: source::Destination,
 ) -> Result<Arc<source::Shared>, offsets::StoreError> {
     let store = offsets::Store::open(&config.data_dir)?;
+    let requests = offsets::Requests::open(&config.data_dir)?;
     Ok(Arc::new(source::Shared {
         config,
         destination,
         store,
-        requests: offsets::Requests::default(),
+        requests,
         stats: source::Stats::default(),
     }))
 }

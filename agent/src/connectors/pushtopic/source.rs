@@ -516,7 +516,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) -> Result<(), E
         if applying.is_none()
             && let Some(change) = shared.requests.pending()
         {
-            let previous = shared.store.get();
+            let previous = shared.requests.begin(shared.store.get());
             match change {
                 Change::Patch(n) => shared.store.set(Some(n))?,
                 Change::Delete => shared.store.set(None)?,
