@@ -6,12 +6,14 @@
 //! A MISS does not fail the command; an unreachable service or a stalled measurement does
 //! (exit status 1, with the reason on stderr).
 //!
-//! Ceilings (plain libraries, no agent code; A and B are measured before and after the agent
-//! runs, and the better run counts, so a moment of disturbance cannot flatter a ratio):
+//! Ceilings (plain libraries, no agent code; A, B and B' are measured before and after the
+//! agent runs, and the better run counts, so a moment of disturbance cannot flatter a ratio):
 //! - A: rumqttc QoS 1 receive rate (auto-ack subscriber) from Mosquitto, on the stock broker
 //!   (127.0.0.1:1883) and on a private, tuned broker this run starts on a free port;
-//! - B: lapin confirmed, persistent publish rate to RabbitMQ, 2,000 confirms outstanding
-//!   (B': the same messages carrying the agent's properties, for reference);
+//! - B: lapin confirmed, persistent publish rate to RabbitMQ, 2,000 confirms outstanding;
+//!   B': the same with the messages the contract requires (message id, timestamp,
+//!   `x-device-id`, mandatory, an exchange with an alternate exchange). The end-to-end goal
+//!   is judged against the slower of A and B'; the ratio to B follows for reference;
 //! - C: rusqlite inserts of ~200-byte payloads into a plain table (integer key + payload),
 //!   WAL + `synchronous=FULL`, 4,096 rows a transaction; C' is the same into the agent's own
 //!   `outbox` table (created by `Buffer::open`, so it follows schema changes) with the
@@ -316,12 +318,17 @@ async fn measure_all(
 
     // The ceilings again, after the agent runs: each is the better of its two runs, so a
     // moment of disturbance does not lower a ceiling (and flatter a ratio).
-    log("ceilings B and A again (each ceiling is the better of two runs)");
+    log("ceilings B, B' and A again (each ceiling is the better of two runs)");
     let b2 = report.record(
         bounded(120, amqp_ceiling(run_id, false, 2, cleanup)).await,
         "ceiling B (2nd run)",
     );
     let ceil_b = best(ceil_b, b2);
+    let bx2 = report.record(
+        bounded(120, amqp_ceiling(run_id, true, 2, cleanup)).await,
+        "ceiling B' (2nd run)",
+    );
+    let ceil_bx = best(ceil_bx, bx2);
     let mut ceil_a2 = Vec::new();
     for b in brokers {
         ceil_a2.push(report.record(
@@ -343,34 +350,36 @@ async fn measure_all(
     buffer_table(report);
     for ((b, a), agent) in brokers.iter().zip(&ceil_a).zip(&agents) {
         report.separator();
-        let ceiling = match (rate(a), rate(&ceil_b)) {
-            (Some(a), Some(bb)) => Some((
-                a.min(bb),
-                if a <= bb {
-                    format!("A {}", b.name)
-                } else {
-                    "B".to_string()
-                },
-            )),
+        // The goal's ceiling is the slower of A and B': the messages the agent must publish
+        // (message id, timestamp, x-device-id, mandatory, alternate exchange) cost RabbitMQ
+        // more than bare ones. The ratio to B (bare messages) follows, for reference.
+        let slower = |publish: &Option<Rate>, name: &str| match (rate(a), rate(publish)) {
+            (Some(a), Some(p)) if a <= p => Some((a, format!("A {}", b.name))),
+            (Some(_), Some(p)) => Some((p, name.to_string())),
             _ => None,
         };
         let e2e = agent.as_ref().and_then(|x| x.e2e.as_ref());
-        let mut row = Row::blank(&format!("E2E MQTT -> confirmed AMQP, {}", b.name));
-        if let Some(e) = e2e {
-            row.measured = fmt_rate(e.per_sec);
-        } else {
-            row.measured = "FAILED".into();
-        }
-        if let Some((c, which)) = &ceiling {
-            row.ceiling = format!("{} ({which})", fmt_rate(*c));
-            if let Some(e) = e2e {
-                let ratio = e.per_sec / c;
-                row.ratio = format!("{ratio:.2}");
-                row.goal = format!(">= {GOAL_E2E_RATIO:.2} x ceiling");
-                row.result = pass(ratio >= GOAL_E2E_RATIO);
+        for (label, ceiling, goal) in [
+            ("", slower(&ceil_bx, "B'"), true),
+            (" (bare messages)", slower(&ceil_b, "B"), false),
+        ] {
+            let mut row = Row::blank(&format!("E2E MQTT -> confirmed AMQP, {}{label}", b.name));
+            row.measured = e2e.map_or("FAILED".into(), |e| fmt_rate(e.per_sec));
+            if let Some((c, which)) = &ceiling {
+                row.ceiling = format!("{} ({which})", fmt_rate(*c));
+                if let Some(e) = e2e {
+                    let ratio = e.per_sec / c;
+                    row.ratio = format!("{ratio:.2}");
+                    if goal {
+                        row.goal = format!(">= {GOAL_E2E_RATIO:.2} x ceiling");
+                        row.result = pass(ratio >= GOAL_E2E_RATIO);
+                    } else {
+                        row.goal = "(reference)".into();
+                    }
+                }
             }
+            report.row(row);
         }
-        report.row(row);
         let lat = agent.as_ref().and_then(|x| x.latency.as_ref());
         let mut row = Row::blank(&format!(
             "p99 MQTT publish -> AMQP delivery @{LATENCY_RATE}/s, {}",
