@@ -184,6 +184,15 @@ pub enum BufferCommand {
 }
 
 impl Cli {
+    /// Commands that only read local files and print (no socket, no agent): they may end
+    /// quietly when their reader goes away, as `edgecase check | head` expects.
+    pub fn only_prints(&self) -> bool {
+        matches!(
+            self.command,
+            Command::Check(_) | Command::Buffer(_) | Command::Rules(RulesCommand::Test { .. })
+        )
+    }
+
     pub async fn execute(self) -> Result<()> {
         match self.command {
             Command::Run(args) => run(args).await,
