@@ -630,6 +630,16 @@ enum Waiting {
     Deleted(oneshot::Sender<Result<u64, Error>>),
 }
 
+/// A command's work, and who waits for its outcome.
+fn split(cmd: Command) -> (Work, Waiting) {
+    match cmd {
+        Command::Append { entries, reply } => (Work::Append(entries), Waiting::Append(reply)),
+        Command::Release { ids, reply } => (Work::Release(ids), Waiting::Release(reply)),
+        Command::DeleteDeadLetters { ids, reply } => (Work::DeleteDeadLetters(ids), Waiting::Deleted(reply)),
+        Command::Tick { now_ms } => (Work::Tick(now_ms), Waiting::Nobody),
+    }
+}
+
 enum Outcome {
     Append(Result<AppendReport, Error>),
     Deleted(u64),
@@ -644,23 +654,12 @@ impl WriterState {
         // own and the rest trail in small ones. It never waits for more than the last
         // transaction held, so a lone caller is never delayed, and it shrinks to what
         // arrives when the load drops.
+        //
+        // Each command is applied inside the open transaction as soon as it arrives, so the
+        // inserts of the first callers overlap the wait for the last ones.
         let mut expected = 1usize;
         while let Ok(first) = rx.recv() {
-            let deadline = std::time::Instant::now() + GROUP_LINGER;
-            let mut weight = first.weight();
-            let mut batch = vec![first];
-            while weight < self.cfg.max_batch {
-                let next = match rx.try_recv() {
-                    Ok(cmd) => Some(cmd),
-                    Err(flume::TryRecvError::Empty) if batch.len() < expected => rx.recv_deadline(deadline).ok(),
-                    Err(_) => None,
-                };
-                let Some(cmd) = next else { break };
-                weight += cmd.weight();
-                batch.push(cmd);
-            }
-            expected = batch.len();
-            self.commit_batch(batch);
+            expected = self.commit_group(first, &rx, expected);
         }
         // Every handle is gone: checkpoint so the WAL does not have to be replayed at start.
         if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
@@ -668,7 +667,9 @@ impl WriterState {
         }
     }
 
-    fn commit_batch(&mut self, batch: Vec<Command>) {
+    /// One transaction: `first`, then the commands that arrive (see [`WriterState::run`]);
+    /// returns how many it held.
+    fn commit_group(&mut self, first: Command, rx: &flume::Receiver<Command>, expected: usize) -> usize {
         let start = Tally {
             pending: self.shared.pending.load(Ordering::Acquire),
             bytes: self.shared.pending_bytes.load(Ordering::Acquire),
@@ -677,34 +678,15 @@ impl WriterState {
             ..Tally::default()
         };
         let mut tally = start;
-        // Split the work from the reply channels so that a failed transaction can still
-        // answer every caller with the cause.
-        let mut work = Vec::with_capacity(batch.len());
-        let mut waiting = Vec::with_capacity(batch.len());
-        for cmd in batch {
-            match cmd {
-                Command::Append { entries, reply } => {
-                    work.push(Work::Append(entries));
-                    waiting.push(Waiting::Append(reply));
-                }
-                Command::Release { ids, reply } => {
-                    work.push(Work::Release(ids));
-                    waiting.push(Waiting::Release(reply));
-                }
-                Command::DeleteDeadLetters { ids, reply } => {
-                    work.push(Work::DeleteDeadLetters(ids));
-                    waiting.push(Waiting::Deleted(reply));
-                }
-                Command::Tick { now_ms } => {
-                    work.push(Work::Tick(now_ms));
-                    waiting.push(Waiting::Nobody);
-                }
-            }
-        }
+        // The reply channels are kept apart from the work, so that a failed transaction can
+        // still answer every caller it took with the cause.
+        let mut waiting = Vec::with_capacity(expected.max(1));
         // Ids stored by this transaction; remembered only once it commits.
         let mut new_ids = std::collections::HashSet::new();
         let mut cases = Vec::new();
         let now = crate::reading::now_ms();
+        let deadline = std::time::Instant::now() + GROUP_LINGER;
+        let max_batch = self.cfg.max_batch;
         let result = (|| -> rusqlite::Result<Vec<Outcome>> {
             let tx = self.conn.transaction()?;
             let mut batch = Batch {
@@ -716,8 +698,13 @@ impl WriterState {
                 cases: &mut cases,
                 now,
             };
-            let mut outcomes = Vec::with_capacity(work.len());
-            for w in work {
+            let mut outcomes = Vec::with_capacity(expected.max(1));
+            let mut weight = 0;
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                weight += cmd.weight();
+                let (w, reply) = split(cmd);
+                waiting.push(reply);
                 outcomes.push(match w {
                     Work::Append(entries) => Outcome::Append(batch.append(entries, self.rules.as_mut())?),
                     Work::Tick(now_ms) => {
@@ -741,11 +728,19 @@ impl WriterState {
                         Outcome::Deleted(n)
                     }
                 });
+                if weight < max_batch {
+                    next = match rx.try_recv() {
+                        Ok(cmd) => Some(cmd),
+                        Err(flume::TryRecvError::Empty) if waiting.len() < expected => rx.recv_deadline(deadline).ok(),
+                        Err(_) => None,
+                    };
+                }
             }
             prune_dead_letters(&tx, self.cfg.max_dead_letters, batch.tally)?;
             tx.commit()?;
             Ok(outcomes)
         })();
+        let held = waiting.len();
         // A dropped receiver means the caller gave up (shutdown); the commit stands.
         match result {
             Ok(outcomes) => {
@@ -788,6 +783,7 @@ impl WriterState {
                 }
             }
         }
+        held
     }
 
     fn publish(&self, start: Tally, t: Tally) {
