@@ -644,6 +644,8 @@ pub struct Received {
     pub delivery_mode: Option<u8>,
     pub device_header: Option<String>,
     pub body: Value,
+    /// The body as received (for formats other than JSON).
+    pub raw: Vec<u8>,
 }
 
 impl Received {
@@ -717,6 +719,7 @@ impl Collector {
                     body: serde_json::from_slice(&d.data).unwrap_or_else(
                         |e| json!({ "unparsable": e.to_string(), "raw": String::from_utf8_lossy(&d.data) }),
                     ),
+                    raw: d.data.clone(),
                 };
                 let mut s = sink.lock().unwrap();
                 if let Some(seq) = received.seq()

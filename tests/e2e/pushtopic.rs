@@ -585,9 +585,83 @@ async fn pushtopic_config_errors_name_the_property() {
     for key in [
         "salesforce.jwt.keystore.file: required",
         "salesforce.initial.start",
-        "output.data.format: PROTOBUF needs a Schema Registry",
+        "output.data.format: PROTOBUF is not offered",
     ] {
         assert!(err.contains(key), "{key} not in:\n{err}");
+    }
+}
+
+/// `output.data.format = AVRO`: each body is an Avro object container carrying its schema,
+/// read back by an independent reader (Python's fastavro) given no schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushtopic_avro_bodies_carry_their_schema() {
+    let _rabbit = RABBITMQ.read().await;
+    let names = Names::new("pushtopic-avro");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let emulator = start_emulator().await;
+    let uid = user(&emulator);
+    for i in 0..3 {
+        emulator
+            .org
+            .create("Case", &case(&format!("avro {i}"), &format!("dev-{i}")), &uid)
+            .expect("case");
+    }
+    let _amqp = bind_queue(&names, &names.cases_exchange).await;
+    let collector = Collector::start(&names).await;
+    let mut props = properties(&emulator, &names, dir.path(), "all");
+    props["output.data.format"] = json!("AVRO");
+    let source = Source::start(dir.path(), &props);
+    if wait_for(Duration::from_secs(30), || async {
+        (collector.all().len() >= 3).then_some(())
+    })
+    .await
+    .is_none()
+    {
+        source.fail("the three retained events did not arrive as Avro");
+    }
+    let mut paths = Vec::new();
+    for (i, r) in collector.all().iter().enumerate() {
+        assert_eq!(r.content_type.as_deref(), Some("avro/binary"));
+        assert_eq!(r.delivery_mode, Some(2));
+        let path = dir.path().join(format!("event-{i}.avro"));
+        std::fs::write(&path, &r.raw).expect("write the body");
+        paths.push(path);
+    }
+    const READ: &str = r#"
+import fastavro, json, sys
+out = []
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        r = fastavro.reader(f)
+        out.append({"schema": r.writer_schema["name"], "records": list(r)})
+print(json.dumps(out))
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(READ)
+        .args(&paths)
+        .output()
+        .expect("python3 (scripts/salesforce-clients.sh installs fastavro)");
+    assert!(
+        out.status.success(),
+        "fastavro could not read the bodies: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decoded: Value = serde_json::from_slice(&out.stdout).expect("fastavro's JSON");
+    let decoded = decoded.as_array().expect("one entry per message");
+    assert_eq!(decoded.len(), 3, "{decoded:?}");
+    for (i, d) in decoded.iter().enumerate() {
+        assert_eq!(d["schema"], "io.edgecase.salesforce.Case", "{d}");
+        let records = d["records"].as_array().expect("records");
+        assert_eq!(records.len(), 1, "one record per message: {d}");
+        let rec = &records[0];
+        assert_eq!(rec["Subject"], format!("avro {i}"), "{d}");
+        assert_eq!(rec["Device__c"], format!("dev-{i}"), "{d}");
+        assert_eq!(rec["Priority"], "High", "{d}");
+        assert_eq!(rec["_EventType"], "created", "{d}");
+        assert_eq!(rec["_ObjectType"], "Case", "{d}");
+        assert!(rec["_ReplayId"].as_i64().is_some_and(|n| n > 0), "{d}");
+        assert!(rec["Id"].as_str().is_some_and(|s| !s.is_empty()), "{d}");
     }
 }
 

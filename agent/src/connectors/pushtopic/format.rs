@@ -2,6 +2,7 @@
 //! `_ReplayId` and `_EventCreatedDate`. `JSON_SR`: the same payload inside Kafka Connect's
 //! JSON envelope `{"schema": {...}, "payload": {...}}`, the schema built from the object's
 //! describe (Salesforce types mapped to Connect types), so a consumer needs no registry.
+//! `AVRO` (cargo feature `avro`): see [`super::avro`].
 
 use super::bayeux::Event;
 use super::config::OutputFormat;
@@ -31,7 +32,60 @@ pub fn schema(object: &str, fields: &[(String, String)]) -> Value {
     json!({"type": "struct", "name": format!("io.edgecase.salesforce.{object}"), "optional": false, "fields": out})
 }
 
-/// The message body of one event.
+/// Builds the bodies of one PushTopic's events in the configured format; made once per
+/// start, from the PushTopic's fields.
+pub struct Encoder {
+    format: OutputFormat,
+    object: String,
+    schema: Value,
+    #[cfg(feature = "avro")]
+    avro: Option<super::avro::AvroSchema>,
+}
+
+impl Encoder {
+    pub fn new(format: OutputFormat, object: &str, fields: &[(String, String)]) -> Result<Encoder, String> {
+        #[cfg(feature = "avro")]
+        let avro = match format {
+            OutputFormat::Avro => Some(super::avro::AvroSchema::new(object, fields)?),
+            _ => None,
+        };
+        #[cfg(not(feature = "avro"))]
+        if format == OutputFormat::Avro {
+            return Err("output.data.format AVRO: this build has no Avro support (cargo feature `avro`)".into());
+        }
+        Ok(Encoder {
+            format,
+            object: object.to_string(),
+            schema: schema(object, fields),
+            #[cfg(feature = "avro")]
+            avro,
+        })
+    }
+
+    /// The AMQP `content_type` of the bodies.
+    pub fn content_type(&self) -> &'static str {
+        match self.format {
+            OutputFormat::Json | OutputFormat::JsonSr => "application/json",
+            OutputFormat::Avro => "avro/binary",
+        }
+    }
+
+    /// The body of one event.
+    pub fn body(&self, e: &Event) -> Result<Vec<u8>, String> {
+        match self.format {
+            OutputFormat::Json | OutputFormat::JsonSr => Ok(body(self.format, &self.object, &self.schema, e)),
+            #[cfg(feature = "avro")]
+            OutputFormat::Avro => match &self.avro {
+                Some(a) => a.body(&self.object, e),
+                None => Err("no Avro schema".into()),
+            },
+            #[cfg(not(feature = "avro"))]
+            OutputFormat::Avro => Err("this build has no Avro support".into()),
+        }
+    }
+}
+
+/// The JSON message body of one event.
 pub fn body(format: OutputFormat, object: &str, schema: &Value, e: &Event) -> Vec<u8> {
     let mut payload: Map<String, Value> = e
         .sobject
@@ -44,8 +98,8 @@ pub fn body(format: OutputFormat, object: &str, schema: &Value, e: &Event) -> Ve
     payload.insert("_ReplayId".into(), json!(e.replay_id));
     payload.insert("_EventCreatedDate".into(), json!(e.created_date));
     let v = match format {
-        OutputFormat::Json => Value::Object(payload),
         OutputFormat::JsonSr => json!({"schema": schema, "payload": payload}),
+        OutputFormat::Json | OutputFormat::Avro => Value::Object(payload),
     };
     v.to_string().into_bytes()
 }

@@ -13,13 +13,15 @@
 //! - [`source`]: login, PushTopic find-or-create, the connect loop, publishing, storing.
 //! - [`offsets`]: the stored replay id and the offset requests (PATCH/DELETE, status).
 //! - [`api`]: the offsets API on the admin port.
-//! - [`format`]: JSON and JSON with an embedded schema.
+//! - [`format`]: JSON, JSON with an embedded schema, and (feature `avro`) Avro containers.
 //! - [`keystore`]: the PKCS#12 keystore of the JWT bearer grant.
 //!
 //! OAuth (password and JWT bearer grants, session renewal) is the Case connector's
 //! [`crate::connectors::salesforce::client::Account`].
 
 pub mod api;
+#[cfg(feature = "avro")]
+pub mod avro;
 pub mod bayeux;
 pub mod config;
 pub mod format;

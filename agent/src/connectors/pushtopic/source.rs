@@ -395,16 +395,16 @@ fn message_id(cfg: &PushTopicConfig, e: &Event) -> String {
 async fn hand_over(
     queue: &tokio::sync::mpsc::Sender<crate::publish::memory::Delivery>,
     cfg: &PushTopicConfig,
-    schema: &Value,
     events: &[Event],
+    bodies: &[Vec<u8>],
 ) -> Result<(), Error> {
-    for e in events {
+    for (e, payload) in events.iter().zip(bodies) {
         let delivery = crate::publish::memory::Delivery {
             exchange: cfg.exchange.clone(),
             routing_key: cfg.routing_key(),
             message_id: message_id(cfg, e),
             device_id: String::new(),
-            payload: format::body(cfg.output_format, &cfg.object, schema, e),
+            payload: payload.clone(),
         };
         queue
             .send(delivery)
@@ -416,10 +416,16 @@ async fn hand_over(
 
 /// Publishes a batch in order and waits for every confirm. Unroutable (returned) or nacked
 /// messages fail the batch: it is published again, never skipped.
-async fn publish_batch(amqp: &Amqp, cfg: &PushTopicConfig, schema: &Value, events: &[Event]) -> Result<(), String> {
+async fn publish_batch(
+    amqp: &Amqp,
+    cfg: &PushTopicConfig,
+    content_type: &str,
+    events: &[Event],
+    bodies: &[Vec<u8>],
+) -> Result<(), String> {
     let mut confirms = Vec::with_capacity(events.len());
     let rk = cfg.routing_key();
-    for e in events {
+    for (e, body) in events.iter().zip(bodies) {
         let mut headers = FieldTable::default();
         headers.insert("x-replay-id".into(), AMQPValue::LongLongInt(e.replay_id));
         headers.insert("x-event-type".into(), AMQPValue::LongString(e.kind.as_str().into()));
@@ -431,12 +437,11 @@ async fn publish_batch(amqp: &Amqp, cfg: &PushTopicConfig, schema: &Value, event
             headers.insert("x-sobject-id".into(), AMQPValue::LongString(id.into()));
         }
         let props = BasicProperties::default()
-            .with_content_type("application/json".into())
+            .with_content_type(content_type.into())
             .with_delivery_mode(2)
             .with_message_id(message_id(cfg, e).into())
             .with_timestamp((crate::reading::now_ms() / 1000).max(0) as u64)
             .with_headers(headers);
-        let body = format::body(cfg.output_format, &cfg.object, schema, e);
         let c = amqp
             .channel
             .basic_publish(
@@ -446,7 +451,7 @@ async fn publish_batch(amqp: &Amqp, cfg: &PushTopicConfig, schema: &Value, event
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &body,
+                body,
                 props,
             )
             .await
@@ -498,7 +503,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) -> Result<(), E
             .map_err(|e| Error::Fatal(format!("salesforce.version latest: {e}")))?,
     };
     let topic = ctx.ensure_topic().await?;
-    let schema = format::schema(&cfg.object, &topic.fields);
+    let encoder = format::Encoder::new(cfg.output_format, &cfg.object, &topic.fields).map_err(Error::Fatal)?;
     let stored = shared.store.get();
     tracing::info!(
         topic = %cfg.topic_name,
@@ -585,7 +590,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) -> Result<(), E
             let polled = match batch.take() {
                 Some(events) => {
                     let both = async {
-                        tokio::join!(deliver(&shared, &mut amqp, &schema, &events, &cancel), client.connect())
+                        tokio::join!(deliver(&shared, &mut amqp, &encoder, &events, &cancel), client.connect())
                     };
                     tokio::select! {
                         (delivered, r) = both => {
@@ -697,16 +702,23 @@ async fn handle_failure(ctx: &Ctx, session: &Session, f: Failure, attempt: &mut 
 async fn deliver(
     shared: &Shared,
     amqp: &mut Option<Amqp>,
-    schema: &Value,
+    encoder: &format::Encoder,
     events: &[Event],
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
     let cfg = &shared.config;
+    // An event that cannot be encoded stops the source before anything of its batch is
+    // published: it stays in Salesforce (24 h) while the format is changed.
+    let bodies = events
+        .iter()
+        .map(|e| encoder.body(e))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::Fatal)?;
     let mut attempt = 0;
     loop {
         if let Destination::InProcess(queue) = &shared.destination {
             tokio::select! {
-                r = hand_over(queue, cfg, schema, events) => { r?; break }
+                r = hand_over(queue, cfg, events, &bodies) => { r?; break }
                 _ = cancel.cancelled() => return Ok(()),
             }
         }
@@ -724,7 +736,7 @@ async fn deliver(
             }
         }
         let Some(a) = amqp.as_ref() else { continue };
-        match publish_batch(a, cfg, schema, events).await {
+        match publish_batch(a, cfg, encoder.content_type(), events, &bodies).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, events = events.len(), "publishing failed; publishing the batch again");
