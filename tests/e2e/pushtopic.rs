@@ -600,24 +600,26 @@ async fn pushtopic_avro_bodies_carry_their_schema() {
     let dir = tempfile::tempdir().expect("tempdir");
     let emulator = start_emulator().await;
     let uid = user(&emulator);
+    let _amqp = bind_queue(&names, &names.cases_exchange).await;
+    let collector = Collector::start(&names).await;
+    let mut props = properties(&emulator, &names, dir.path(), "all");
+    props["output.data.format"] = json!("AVRO");
+    let source = Source::start(dir.path(), &props);
+    // The source creates the PushTopic: only later changes have events.
+    source.wait_connected().await;
     for i in 0..3 {
         emulator
             .org
             .create("Case", &case(&format!("avro {i}"), &format!("dev-{i}")), &uid)
             .expect("case");
     }
-    let _amqp = bind_queue(&names, &names.cases_exchange).await;
-    let collector = Collector::start(&names).await;
-    let mut props = properties(&emulator, &names, dir.path(), "all");
-    props["output.data.format"] = json!("AVRO");
-    let source = Source::start(dir.path(), &props);
     if wait_for(Duration::from_secs(30), || async {
         (collector.all().len() >= 3).then_some(())
     })
     .await
     .is_none()
     {
-        source.fail("the three retained events did not arrive as Avro");
+        source.fail("the three events did not arrive as Avro");
     }
     let mut paths = Vec::new();
     for (i, r) in collector.all().iter().enumerate() {

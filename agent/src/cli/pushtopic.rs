@@ -29,6 +29,7 @@ const AFTER_HELP: &str = r#"The JSON property file, with the seed's names (READM
   "data.dir": "/var/lib/edgecase/pushtopic",
   "admin.listen": "127.0.0.1:9402"
 }
+output.data.format: JSON, JSON_SR (the schema embedded) or AVRO (an Avro container with its schema).
 Offsets of a running source: ... --config FILE offsets get | status | delete | patch --replay-id N"#;
 
 #[derive(Debug, Args)]

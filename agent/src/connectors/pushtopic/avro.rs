@@ -90,10 +90,10 @@ impl AvroSchema {
         let mut writer = apache_avro::Writer::new(&self.schema, Vec::new());
         writer
             .append(Avro::Record(record))
-            .map_err(|e| format!("Avro encoding of event {}: {e}", e.replay_id))?;
+            .map_err(|err| format!("Avro encoding of event {}: {err}", e.replay_id))?;
         writer
             .into_inner()
-            .map_err(|e| format!("Avro encoding of event {}: {e}", e.replay_id))
+            .map_err(|err| format!("Avro encoding of event {}: {err}", e.replay_id))
     }
 }
 
@@ -157,10 +157,17 @@ mod tests {
         assert_eq!(&body[..4], b"Obj\x01", "an object container");
         // Read back with no schema given: the container's own header supplies it.
         let reader = apache_avro::Reader::new(&body[..]).unwrap();
-        assert!(reader.writer_schema().canonical_form().contains("io.edgecase.salesforce.Case"));
+        assert!(
+            reader
+                .writer_schema()
+                .canonical_form()
+                .contains("io.edgecase.salesforce.Case")
+        );
         let records: Vec<Avro> = reader.map(|r| r.unwrap()).collect();
         assert_eq!(records.len(), 1);
-        let Avro::Record(fields) = &records[0] else { panic!("{records:?}") };
+        let Avro::Record(fields) = &records[0] else {
+            panic!("{records:?}")
+        };
         let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
         assert_eq!(get("Id"), Avro::String("500A".into()));
         assert_eq!(get("IsEscalated"), Avro::Union(1, Box::new(Avro::Boolean(true))));

@@ -590,7 +590,10 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) -> Result<(), E
             let polled = match batch.take() {
                 Some(events) => {
                     let both = async {
-                        tokio::join!(deliver(&shared, &mut amqp, &encoder, &events, &cancel), client.connect())
+                        tokio::join!(
+                            deliver(&shared, &mut amqp, &encoder, &events, &cancel),
+                            client.connect()
+                        )
                     };
                     tokio::select! {
                         (delivered, r) = both => {
