@@ -29,7 +29,10 @@
 //!   (first MQTT publish → last AMQP confirm), then peak memory (VmHWM).
 //!
 //! Details (batch sizes, where the CPU went, memory breakdown) follow the table, and any
-//! failed or disturbed measurement is listed under "Problems".
+//! failed or disturbed measurement is listed under "Problems". `-- --buffer-only` measures
+//! only the buffer rows (and ceiling C), `-- --amqp-only` only ceilings B and B'.
+//! `EDGECASE_BENCH_BIN` names the agent binary to run (`scripts/bench.sh` builds and names
+//! the gateway build); without it, this package's default build.
 //!
 //! Mosquitto's stock limits (max_inflight_messages 20, max_queued_messages 1000 per client)
 //! make it drop QoS 1 messages queued for a slow subscriber beyond about 1,000. On the stock
@@ -171,7 +174,7 @@ async fn run() -> Result<bool> {
                 s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
             ))
             .unwrap_or_default(),
-        env!("CARGO_BIN_EXE_edgecase")
+        agent_binary().display()
     );
     preflight().await?;
     let busy: Vec<String> = foreign_activity()
@@ -292,6 +295,12 @@ async fn measure_all(
     let ceil_b = report.record(bounded(120, amqp_ceiling(run_id, false, 1, cleanup)).await, "ceiling B");
     log("ceiling B': the same with the agent's message properties and exchange arguments");
     let ceil_bx = report.record(bounded(120, amqp_ceiling(run_id, true, 1, cleanup)).await, "ceiling B'");
+    if std::env::args().any(|a| a == "--amqp-only") {
+        // The publish ceilings alone, for experiments (say, with other disk traffic).
+        report.row(Row::ceiling("B  lapin confirmed persistent publish", ceil_b.as_ref()));
+        report.row(Row::ceiling("B' the same, agent's message format", ceil_bx.as_ref()));
+        return Ok(());
+    }
 
     let mut ceil_a = Vec::new();
     for b in brokers {
@@ -682,7 +691,7 @@ async fn preflight() -> Result<()> {
     if !found {
         bail!("the mosquitto binary is not installed (needed for the tuned broker); install the mosquitto package");
     }
-    let agent = Path::new(env!("CARGO_BIN_EXE_edgecase"));
+    let agent = agent_binary();
     if !agent.is_file() {
         bail!("agent binary {} is missing", agent.display());
     }
@@ -1394,6 +1403,14 @@ async fn amqp_ceiling(run_id: &str, agent_like: bool, round: u32, cleanup: &mut 
 // ---------------------------------------------------------------------------------------
 // SQLite and the buffer
 
+/// The agent under test: `EDGECASE_BENCH_BIN` (`scripts/bench.sh` sets it to the gateway
+/// build, `--no-default-features`, as it ships), else this package's default build.
+fn agent_binary() -> PathBuf {
+    std::env::var_os("EDGECASE_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_edgecase")))
+}
+
 fn message_id(tag: &str, n: u64) -> String {
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("{tag}-{n}").as_bytes()).to_string()
 }
@@ -2018,7 +2035,7 @@ listen = "{HOST}:{admin_port}"
     let started = Instant::now();
     let mut agent = spawn(
         &format!("edgecase agent ({})", b.name),
-        std::process::Command::new(env!("CARGO_BIN_EXE_edgecase"))
+        std::process::Command::new(agent_binary())
             .arg("run")
             .arg("--config")
             .arg(&config_path)
