@@ -317,21 +317,23 @@ fn source(s: &str) -> crate::metrics::SourceLabel {
     crate::metrics::SourceLabel { source: s.to_string() }
 }
 
-fn frames(m: &Metrics, result: &str) -> u64 {
-    let text = m.encode();
-    text.lines()
-        .filter(|l| l.starts_with("edgecase_serial_frames_total{") && l.contains(&format!("result=\"{result}\"")))
+/// The sum of a counter family's series whose `label` is `value`, read from the exposition
+/// text (the families are small: one series per rule and action, or per port and result).
+fn sum_series(m: &Metrics, family: &str, label: &str, value: &str) -> u64 {
+    let (prefix, matcher) = (format!("{family}{{"), format!("{label}=\"{value}\""));
+    m.encode()
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(&matcher))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
 
+fn frames(m: &Metrics, result: &str) -> u64 {
+    sum_series(m, "edgecase_serial_frames_total", "result", result)
+}
+
 fn count_cases(m: &Metrics, action: &str) -> u64 {
-    // The family is small (one series per rule and action): sum the matching series.
-    let text = m.encode();
-    text.lines()
-        .filter(|l| l.starts_with("edgecase_rules_cases_total{") && l.contains(&format!("action=\"{action}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    sum_series(m, "edgecase_rules_cases_total", "action", action)
 }
 
 fn live_line(m: &Metrics, elapsed: Duration) -> String {
