@@ -17,7 +17,7 @@ use crate::watchdog::Heartbeat;
 use edgecase_protocol::{self as protocol, Ack, Data, DecodeError, Deframer, Message, NackReason, RawFrame};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// Sequence numbers remembered per device to recognise retransmissions.
@@ -109,14 +109,9 @@ impl BinaryPort {
         loop {
             heartbeat.beat();
             // A quiet port is idle time; a commit that never ends is not.
-            let n = tokio::select! {
-                _ = cancel.cancelled() => return None,
-                r = heartbeat.idle(stream.read(&mut buf)) => r,
-            };
-            let n = match n {
-                Ok(0) => return Some("end of stream".to_string()),
+            let n = match super::serial::read_chunk(stream, &mut buf, cancel, heartbeat).await {
                 Ok(n) => n,
-                Err(e) => return Some(e.to_string()),
+                Err(why) => return why,
             };
             let frames = deframer.push(&buf[..n]);
             if frames.is_empty() {

@@ -17,7 +17,7 @@ use crate::metrics::{Metrics, PortLabel};
 use crate::reading::{Origin, now_ms};
 use crate::watchdog::Heartbeat;
 use std::sync::Arc;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -193,14 +193,9 @@ impl SerialIngest {
         let mut buf = vec![0u8; 4096];
         loop {
             heartbeat.beat();
-            let n = tokio::select! {
-                _ = cancel.cancelled() => return None,
-                r = heartbeat.idle(stream.read(&mut buf)) => r,
-            };
-            let n = match n {
-                Ok(0) => return Some("end of stream".to_string()),
+            let n = match read_chunk(stream, &mut buf, cancel, heartbeat).await {
                 Ok(n) => n,
-                Err(e) => return Some(e.to_string()),
+                Err(why) => return why,
             };
             let entries: Vec<Entry> = splitter
                 .push(&buf[..n])
@@ -261,6 +256,26 @@ impl SerialIngest {
                 })
             }
         }
+    }
+}
+
+/// Reads the next chunk of a port into `buf`: `Ok(n)`, or `Err(None)` when cancelled and
+/// `Err(Some(why))` when the stream ended or failed (the port is then reopened). A quiet
+/// port is idle time for the watchdog.
+pub(crate) async fn read_chunk<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut [u8],
+    cancel: &CancellationToken,
+    heartbeat: &Heartbeat,
+) -> Result<usize, Option<String>> {
+    let n = tokio::select! {
+        _ = cancel.cancelled() => return Err(None),
+        r = heartbeat.idle(stream.read(buf)) => r,
+    };
+    match n {
+        Ok(0) => Err(Some("end of stream".to_string())),
+        Ok(n) => Ok(n),
+        Err(e) => Err(Some(e.to_string())),
     }
 }
 
