@@ -228,7 +228,8 @@ fn is_non_finite_word(s: &str) -> bool {
     )
 }
 
-fn json_type(v: &serde_json::Value) -> &'static str {
+/// What a JSON value is, for error messages: "a string", "an array", "null", ...
+pub fn json_type(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",

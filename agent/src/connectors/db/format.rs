@@ -382,7 +382,7 @@ fn decode_json(cfg: &FormatConfig, text: &str) -> Result<Vec<Record>, FormatErro
             serde_json::Value::Array(items) => items.iter().map(|item| json_record(&Record::new(), item)).collect(),
             other => Err(err(format!(
                 "JSON message is {}, want an object (one record) or an array of objects",
-                json_kind(&other)
+                crate::reading::json_type(&other)
             ))),
         };
     };
@@ -397,7 +397,10 @@ fn decode_json(cfg: &FormatConfig, text: &str) -> Result<Vec<Record>, FormatErro
         .ok_or_else(|| err(format!("JSON message has no `{path}` (format.records)")))?;
     }
     let serde_json::Value::Array(items) = at else {
-        return Err(err(format!("`{path}` is {}, want an array of records", json_kind(at))));
+        return Err(err(format!(
+            "`{path}` is {}, want an array of records",
+            crate::reading::json_type(at)
+        )));
     };
     // The envelope: everything but the records' top-level branch.
     let mut envelope = Record::new();
@@ -419,17 +422,6 @@ fn json_record(envelope: &Record, item: &serde_json::Value) -> Result<Record, Fo
         scalar => flatten_json("_item", scalar, &mut rec),
     }
     Ok(rec)
-}
-
-fn json_kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
 }
 
 fn join(prefix: &str, name: &str) -> String {
