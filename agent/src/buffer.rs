@@ -737,7 +737,12 @@ impl WriterState {
                 }
             }
             prune_dead_letters(&tx, self.cfg.max_dead_letters, batch.tally)?;
+            let committing = std::time::Instant::now();
             tx.commit()?;
+            self.shared
+                .metrics
+                .buffer_commit_seconds
+                .observe(committing.elapsed().as_secs_f64());
             Ok(outcomes)
         })();
         let held = waiting.len();

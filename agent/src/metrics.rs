@@ -63,6 +63,9 @@ pub struct Metrics {
     pub buffer_dropped: Counter,
     pub buffer_refused: Counter,
     pub buffer_released: Counter,
+    /// Seconds each buffer COMMIT took: the durable write (WAL write and fsync). A disk
+    /// that slows down shows here first.
+    pub buffer_commit_seconds: Histogram,
     pub rules_cases: Family<CaseLabels, Counter>,
     pub publish_confirmed: Counter,
     pub publish_nacked: Counter,
@@ -98,6 +101,7 @@ impl Metrics {
             buffer_dropped: Counter::default(),
             buffer_refused: Counter::default(),
             buffer_released: Counter::default(),
+            buffer_commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 14)),
             rules_cases: Family::default(),
             publish_confirmed: Counter::default(),
             publish_nacked: Counter::default(),
@@ -190,6 +194,11 @@ impl Metrics {
             "edgecase_buffer_released",
             "Messages deleted after the broker confirmed them",
             m.buffer_released.clone(),
+        );
+        r.register(
+            "edgecase_buffer_commit_seconds",
+            "Time of each buffer commit: the durable write (WAL write and fsync)",
+            m.buffer_commit_seconds.clone(),
         );
         r.register(
             "edgecase_rules_cases",
