@@ -472,7 +472,7 @@ fn open_connection(path: &Path) -> Result<Connection, Error> {
     conn.execute_batch(
         "PRAGMA synchronous=FULL;
          PRAGMA temp_store=MEMORY;
-         PRAGMA cache_size=-4096;
+         PRAGMA cache_size=-2048;
          CREATE TABLE IF NOT EXISTS outbox (
              id INTEGER PRIMARY KEY AUTOINCREMENT,
              message_id TEXT NOT NULL,
