@@ -89,6 +89,25 @@ pub async fn commit(
     finish_commit(buffer, queued, entries, cancel, what, heartbeat).await
 }
 
+/// Commits `entries` one at a time, in order; `None` if cancelled before all were committed.
+async fn commit_each(
+    buffer: &Buffer,
+    entries: Vec<Entry>,
+    cancel: &CancellationToken,
+    what: &str,
+    heartbeat: &Heartbeat,
+) -> Option<buffer::AppendReport> {
+    let mut total = buffer::AppendReport::default();
+    for entry in entries {
+        // Boxed: commit can come back here (for a batch; this passes single entries).
+        let r = Box::pin(commit(buffer, vec![entry], cancel, what, heartbeat)).await?;
+        total.inserted += r.inserted;
+        total.duplicates += r.duplicates;
+        total.dead_letters += r.dead_letters;
+    }
+    Some(total)
+}
+
 /// Waits for an append already queued (in arrival order) and, if it was refused or
 /// failed, retries it as [`commit`] does.
 pub async fn finish_commit(
@@ -115,6 +134,12 @@ pub async fn finish_commit(
             Err(buffer::Error::Closed) => return None,
             Err(e) => e,
         };
+        if matches!(err, buffer::Error::Full { .. }) && entries.len() > 1 {
+            // An append is admitted whole or not at all. A batch bigger than the room left
+            // goes in one entry at a time, in order, so the buffer fills up to its cap and
+            // only the rest waits (a batch bigger than the cap would never fit whole).
+            return commit_each(buffer, entries, cancel, what, heartbeat).await;
+        }
         if !logged {
             tracing::warn!(input = what, error = %err, "holding input");
             logged = true;
@@ -133,5 +158,76 @@ pub async fn finish_commit(
             _ = heartbeat.idle(wait) => {}
         }
         attempt = buffer.append(entries.clone()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BufferConfig, OverflowPolicy};
+    use std::sync::Arc;
+
+    fn record(i: u64) -> Entry {
+        Entry::Record(NewRecord {
+            message_id: format!("m{i}"),
+            exchange: "x".into(),
+            routing_key: "reading.d.s".into(),
+            device_id: "d".into(),
+            payload: format!("{{\"value\":{i}}}").into_bytes(),
+        })
+    }
+
+    async fn pending_ids(buffer: &Buffer) -> Vec<(i64, String)> {
+        let rows = buffer.load_after(0, 100).await.expect("load");
+        rows.into_iter().map(|r| (r.id, r.message_id)).collect()
+    }
+
+    /// A batch of five into a buffer with room for three (refuse policy): the first three go
+    /// in, the last two wait, and go in, in order, once the publisher released rows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_bigger_than_the_room_left_fills_the_buffer_and_the_rest_waits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = BufferConfig {
+            max_readings: 3,
+            overflow: OverflowPolicy::Refuse,
+            ..BufferConfig::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let (buffer, _writer) = Buffer::open(dir.path(), &cfg, metrics.clone()).expect("open");
+        let heartbeat = metrics.stages.register("test ingest");
+        let task = {
+            let buffer = buffer.clone();
+            tokio::spawn(async move {
+                let cancel = CancellationToken::new();
+                commit(&buffer, (0..5).map(record).collect(), &cancel, "test", &heartbeat).await
+            })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while buffer.pending() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "the buffer never filled up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let first = pending_ids(&buffer).await;
+        let names: Vec<&str> = first.iter().map(|(_, m)| m.as_str()).collect();
+        assert_eq!(names, ["m0", "m1", "m2"]);
+        assert!(
+            !task.is_finished(),
+            "the batch was reported committed while two entries had no room"
+        );
+
+        buffer
+            .release(first.iter().map(|(id, _)| *id).collect())
+            .await
+            .expect("release");
+        let report = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the rest of the batch went in after the release")
+            .expect("task")
+            .expect("committed, not cancelled");
+        assert_eq!(report.inserted, 5);
+        let rest = pending_ids(&buffer).await;
+        let names: Vec<&str> = rest.iter().map(|(_, m)| m.as_str()).collect();
+        assert_eq!(names, ["m3", "m4"]);
     }
 }
