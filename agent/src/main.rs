@@ -7,6 +7,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = cli::Cli::parse();
     if cli.only_prints() {
         restore_sigpipe();
@@ -43,3 +44,21 @@ fn restore_sigpipe() {
         eprintln!("edgecase: cannot restore SIGPIPE ({e}); output to a closed pipe may fail loudly");
     }
 }
+
+/// glibc's malloc gives each thread that contends for it an arena of its own (up to eight
+/// per core), and each arena keeps the memory freed into it. The agent's threads (runtime
+/// workers, the buffer writer, the AMQP client's I/O thread, blocking sections) allocate on
+/// one thread and free on another all the time, so under load every arena grows, and RSS
+/// with them. Measured with `scripts/bench.sh` (peak RSS after three 20,000-reading bursts):
+/// 30-34 MB with four arenas against 34-42 MB with glibc's default; two gave 28-31 MB but
+/// cost a third more CPU per reading in malloc's locks.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets a malloc parameter; it runs before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
