@@ -50,7 +50,7 @@ fn restore_sigpipe() {
 /// workers, the buffer writer, the AMQP client's I/O thread, blocking sections) allocate on
 /// one thread and free on another all the time, so under load every arena grows, and RSS
 /// with them. Measured with `scripts/bench.sh` (peak RSS after three 20,000-reading bursts):
-/// 30-34 MB with four arenas against 34-42 MB with glibc's default; two gave 28-31 MB but
+/// 30-36 MB with four arenas against 33-42 MB with glibc's default; two gave 28-31 MB but
 /// cost a third more CPU per reading in malloc's locks.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
