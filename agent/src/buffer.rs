@@ -1200,7 +1200,7 @@ impl Inspector {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn cfg() -> BufferConfig {
@@ -1211,7 +1211,8 @@ mod tests {
         }
     }
 
-    fn record(i: u64) -> Entry {
+    /// A record with message id `m{i}` (shared with the ingest tests).
+    pub(crate) fn record(i: u64) -> Entry {
         Entry::Record(NewRecord {
             message_id: format!("m{i}"),
             exchange: "x".into(),

@@ -164,18 +164,9 @@ pub async fn finish_commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buffer::tests::record;
     use crate::config::{BufferConfig, OverflowPolicy};
     use std::sync::Arc;
-
-    fn record(i: u64) -> Entry {
-        Entry::Record(NewRecord {
-            message_id: format!("m{i}"),
-            exchange: "x".into(),
-            routing_key: "reading.d.s".into(),
-            device_id: "d".into(),
-            payload: format!("{{\"value\":{i}}}").into_bytes(),
-        })
-    }
 
     async fn pending_ids(buffer: &Buffer) -> Vec<(i64, String)> {
         let rows = buffer.load_after(0, 100).await.expect("load");
