@@ -16,6 +16,8 @@
 //!   ingest holds its input (back-pressure); `drop-oldest` deletes the oldest rows and
 //!   counts them. Dead letters are kept up to their own cap, oldest deleted first.
 //! - **Fails closed.** A failed commit fails every append in it; nothing is acknowledged.
+//! - **Read back only when needed.** The writer hands the rows it committed to the
+//!   publisher in memory (bounded; see [`handover`]); the database answers for the rest.
 //! - **Redeliveries recognised.** The writer remembers the ids of the last
 //!   [`RECENT_IDS`] messages it committed (and, at start, of the newest pending rows); an
 //!   append with one of them is counted as a duplicate and not stored. A UNIQUE index on
@@ -39,6 +41,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, oneshot};
+
+mod handover;
+use handover::Handover;
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "buffer.db";
@@ -210,6 +215,8 @@ struct Shared {
     last_id: AtomicI64,
     new_data: Notify,
     space_freed: Notify,
+    /// Rows just committed, for the publisher (see [`handover`]).
+    handover: Mutex<Handover>,
     metrics: Arc<Metrics>,
 }
 
@@ -281,6 +288,7 @@ impl Buffer {
             last_id: AtomicI64::new(last_id),
             new_data: Notify::new(),
             space_freed: Notify::new(),
+            handover: Mutex::new(Handover::new(last_id, handover::MAX_ROWS, handover::MAX_BYTES)),
             metrics,
         });
         shared.publish_gauges();
@@ -381,8 +389,20 @@ impl Buffer {
         rx.await.map_err(|_| Error::Closed)?
     }
 
-    /// Up to `limit` pending rows with `id > after`, oldest first.
+    /// Up to `limit` pending rows with `id > after`, oldest first: the rows just committed
+    /// from memory when it holds them (see [`handover`]), else from the database.
     pub async fn load_after(&self, after: i64, limit: usize) -> Result<Vec<StoredRecord>, Error> {
+        if let Some(rows) = self.shared.handover().take(after, limit) {
+            return Ok(rows);
+        }
+        let rows = self.read_after(after, limit).await?;
+        if let Some(last) = rows.last() {
+            self.shared.handover().served_from_database(last.id);
+        }
+        Ok(rows)
+    }
+
+    async fn read_after(&self, after: i64, limit: usize) -> Result<Vec<StoredRecord>, Error> {
         let (reader, path) = (self.reader.clone(), self.path.clone());
         // A std mutex: the connection is only used inside this blocking section.
         let read = move || {
@@ -533,6 +553,11 @@ fn load_after(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<V
 }
 
 impl Shared {
+    fn handover(&self) -> std::sync::MutexGuard<'_, Handover> {
+        // Every change to it completes under the lock: a panicking holder left it whole.
+        self.handover.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn publish_gauges(&self) {
         let m = &self.metrics;
         m.buffer_pending_readings
@@ -684,6 +709,8 @@ impl WriterState {
         // Ids stored by this transaction; remembered only once it commits.
         let mut new_ids = std::collections::HashSet::new();
         let mut cases = Vec::new();
+        // Rows stored by this transaction, handed to the publisher once it commits.
+        let mut handed = Vec::new();
         let now = crate::reading::now_ms();
         let deadline = std::time::Instant::now() + GROUP_LINGER;
         let max_batch = self.cfg.max_batch;
@@ -696,6 +723,7 @@ impl WriterState {
                 recent: &self.recent,
                 new_ids: &mut new_ids,
                 cases: &mut cases,
+                handed: &mut handed,
                 now,
             };
             let mut outcomes = Vec::with_capacity(expected.max(1));
@@ -753,6 +781,8 @@ impl WriterState {
                 for (rule, action) in cases {
                     self.shared.metrics.case_event(&rule, action);
                 }
+                // Before the publisher is woken (in `publish`), so that it finds them.
+                self.shared.handover().committed(handed, tally.dropped > 0);
                 self.publish(start, tally);
                 for (w, o) in waiting.into_iter().zip(outcomes) {
                     match (w, o) {
@@ -823,6 +853,8 @@ struct Batch<'t, 'c> {
     new_ids: &'t mut std::collections::HashSet<u64>,
     /// (rule, action) of every case event stored, counted after the commit.
     cases: &'t mut Vec<(String, crate::rules::CaseAction)>,
+    /// Rows stored, in id order.
+    handed: &'t mut Vec<StoredRecord>,
     now: i64,
 }
 
@@ -856,11 +888,11 @@ impl Batch<'_, '_> {
         for entry in entries {
             match entry {
                 Entry::Record(r) => {
-                    self.insert_record(&r, &mut report)?;
+                    self.insert_record(r, &mut report)?;
                 }
                 Entry::Reading(r, reading) => {
                     // Only a reading stored now is new to the rules: a redelivery was seen.
-                    if self.insert_record(&r, &mut report)?
+                    if self.insert_record(r, &mut report)?
                         && let Some(rules) = rules.as_deref_mut()
                     {
                         let (events, changed) = rules.engine.on_reading(&reading, self.now);
@@ -877,7 +909,7 @@ impl Batch<'_, '_> {
     }
 
     /// Stores a record unless its id was seen recently; true if stored.
-    fn insert_record(&mut self, r: &NewRecord, report: &mut AppendReport) -> rusqlite::Result<bool> {
+    fn insert_record(&mut self, r: NewRecord, report: &mut AppendReport) -> rusqlite::Result<bool> {
         let h = RecentIds::hash(&r.message_id);
         if self.recent.contains(h) || !self.new_ids.insert(h) {
             self.tally.duplicates += 1;
@@ -907,6 +939,15 @@ impl Batch<'_, '_> {
         self.tally.committed += 1;
         self.tally.last_id = self.tx.last_insert_rowid();
         report.inserted += 1;
+        self.handed.push(StoredRecord {
+            id: self.tally.last_id,
+            message_id: r.message_id,
+            exchange: r.exchange,
+            routing_key: r.routing_key,
+            device_id: r.device_id,
+            payload: r.payload,
+            created_ms: self.now,
+        });
         Ok(true)
     }
 
@@ -957,7 +998,7 @@ impl Batch<'_, '_> {
                 event_id = %event.event_id,
                 "case event"
             );
-            if self.insert_record(&record, &mut AppendReport::default())? {
+            if self.insert_record(record, &mut AppendReport::default())? {
                 self.cases.push((event.rule, event.action));
             }
         }
@@ -1268,6 +1309,62 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(left, ["m3", "m4", "m6", "m9"]);
         assert_eq!(buf.pending(), 4);
+    }
+
+    /// Reads like the publisher: chunks of `limit` after a cursor, appending `per_read` new
+    /// rows before each read (from `next`) until `total`; stops after `reads` reads or when
+    /// nothing is left. Returns the message ids read, in order.
+    async fn read_like_the_publisher(buf: &Buffer, next: &mut u64, total: u64, reads: usize) -> Vec<String> {
+        let (mut cursor, mut got) = (0i64, Vec::new());
+        for _ in 0..reads {
+            if *next < total {
+                let n = 700.min(total - *next);
+                buf.append((*next..*next + n).map(record).collect())
+                    .await
+                    .expect("append");
+                *next += n;
+            }
+            let rows = buf.load_after(cursor, 256).await.expect("load");
+            let Some(last) = rows.last() else { break };
+            assert!(last.id > cursor, "rows come after the cursor");
+            cursor = last.id;
+            got.extend(rows.into_iter().map(|r| r.message_id));
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn the_publisher_gets_every_row_once_in_order_from_memory_or_the_database() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = BufferConfig {
+            max_readings: 1_000_000,
+            max_bytes: 1 << 30,
+            ..BufferConfig::default()
+        };
+        let (buf, _w) = Buffer::open(dir.path(), &cfg, Arc::new(Metrics::new())).expect("open");
+        // Appends outrun the reads, so the hand-over fills and the database answers too.
+        let total = (handover::MAX_ROWS * 3) as u64;
+        let mut next = 0;
+        let first = read_like_the_publisher(&buf, &mut next, total, 40).await;
+        assert!(first.len() > handover::MAX_ROWS, "read {}", first.len());
+        let expected: Vec<String> = (0..first.len() as u64).map(|i| format!("m{i}")).collect();
+        assert_eq!(first, expected, "the first session reads every row once, in order");
+        // The broker confirmed all but the last 100 read; then the session ends and a new
+        // one starts from the oldest pending row.
+        let read_ids: Vec<i64> = {
+            let pending = buf.read_after(0, first.len()).await.expect("read");
+            pending.iter().map(|r| r.id).collect()
+        };
+        buf.release(read_ids[..first.len() - 100].to_vec())
+            .await
+            .expect("release");
+        let second = read_like_the_publisher(&buf, &mut next, total, 1_000).await;
+        let expected: Vec<String> = (first.len() as u64 - 100..total).map(|i| format!("m{i}")).collect();
+        assert_eq!(second.len(), expected.len());
+        assert_eq!(
+            second, expected,
+            "the new session reads the unconfirmed rows and the rest, once"
+        );
     }
 
     #[tokio::test]
