@@ -43,13 +43,17 @@ async fn mqtt_readings_arrive_exactly_once() {
     agent.wait_connected(true).await;
     let (collector, _probe) = subscribed_collector(&agent, &bed.names).await;
 
-    // As fast as the agent takes them, but never more than 500 ahead of what arrived, so
+    // As fast as the agent takes them, but never more than 200 ahead of what arrived, so
     // the broker's queue for the agent's session stays far below its 1000-message limit.
+    // With 500 ahead, the stock Mosquitto (2.0.11) once logged "Outgoing messages are being
+    // dropped" for the agent in the stream's first second and 277 readings never reached
+    // it (a local `.ci/run`, 2026-12-07), although by this count no more than about 520
+    // can have been waiting; the cause was not found, so the margin is wider.
     let plan = StreamPlan {
         total: TOTAL,
         per_second: None,
         identity: five_devices_two_sensors,
-        lead: Some((500, collector.progress())),
+        lead: Some((200, collector.progress())),
     };
     let started = std::time::Instant::now();
     let stream = Streaming::start(&bed.names, plan).await;
