@@ -15,6 +15,7 @@ mod crash;
 mod db;
 mod demo;
 mod mqtt;
+mod mqtt_link;
 mod outage;
 mod pushtopic;
 mod python;
