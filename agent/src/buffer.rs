@@ -554,7 +554,8 @@ fn load_after(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<V
 
 impl Shared {
     fn handover(&self) -> std::sync::MutexGuard<'_, Handover> {
-        // Every change to it completes under the lock: a panicking holder left it whole.
+        // Its methods do not panic (and release builds abort on a panic), so a poisoned
+        // lock cannot hide a half-done change.
         self.handover.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
