@@ -2,12 +2,9 @@
 //!
 //! - Persistent session (clean session off, stable client id): while the agent is down or
 //!   reconnecting, the broker keeps the subscription and every unacknowledged QoS 1 message.
-//! - Manual acknowledgement: a PUBACK is written only after its message is committed to the
-//!   buffer. A crash before it means the broker redelivers, and the buffer's `message_id`
-//!   check turns the redelivery into a counted duplicate.
-//! - The PUBACKs that are ready go out in one write. rumqttc's client would send each
-//!   acknowledgement in a write of its own (one system call per message here and one read
-//!   per message in the broker), so the task that drives the event loop writes them itself.
+//! - Manual acknowledgement: each PUBACK is sent by the task that committed the message to
+//!   the buffer, after the commit. A crash before it means the broker redelivers, and the
+//!   buffer's `message_id` check turns the redelivery into a counted duplicate.
 //! - The PUBLISHes one network read brought in (rumqttc decodes up to ten at a time) go to
 //!   the buffer as one append: one hand-over to the writer thread and one reply for all of
 //!   them instead of one each (thread wake-ups were about a third of the agent's CPU under
@@ -25,10 +22,7 @@ use crate::buffer::Buffer;
 use crate::config::{Config, MqttConfig};
 use crate::metrics::Metrics;
 use crate::reading::{Origin, now_ms};
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, PubAck, Publish, QoS, TlsConfiguration,
-    Transport,
-};
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,8 +36,6 @@ const MQTT_MAX_PACKET: usize = 268_435_455;
 const ACK_DRAIN: Duration = Duration::from_secs(3);
 /// At most this many PUBLISHes share one append.
 const MAX_BATCH: usize = 64;
-/// Room in rumqttc's request channel, which now carries only subscriptions and DISCONNECT.
-const REQUEST_CAPACITY: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -84,16 +76,9 @@ impl MqttIngest {
     /// Runs until `cancel`; then stops reading, lets in-flight commits send their PUBACKs,
     /// and disconnects.
     pub async fn run(self, cancel: CancellationToken) {
-        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), REQUEST_CAPACITY);
+        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), self.cfg.max_uncommitted + 16);
         let tracker = TaskTracker::new();
         let (uncommitted_tx, uncommitted_rx) = mpsc::channel(self.cfg.max_uncommitted);
-        // Unbounded, yet never long: it holds packet ids of messages the broker has in
-        // flight, which are also counted in `uncommitted_room` until they are queued here.
-        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
-        let mut acks = Acks {
-            ready: acks_rx,
-            unwritten: VecDeque::new(),
-        };
         // mqtt.max_uncommitted counts messages; a batch takes a permit for each of its
         // messages, given back once their PUBACKs are queued.
         let uncommitted_room = Arc::new(Semaphore::new(self.cfg.max_uncommitted));
@@ -105,7 +90,7 @@ impl MqttIngest {
         tracker.spawn(acknowledge_in_order(
             self.metrics.stages.register("mqtt acknowledger"),
             uncommitted_rx,
-            acks_tx,
+            client.clone(),
             self.buffer.clone(),
             self.metrics.clone(),
             cancel.clone(),
@@ -123,7 +108,7 @@ impl MqttIngest {
             heartbeat.beat();
             let event = tokio::select! {
                 _ = cancel.cancelled() => break,
-                e = heartbeat.idle(next_event(&mut eventloop, &mut acks)) => e,
+                e = heartbeat.idle(eventloop.poll()) => e,
             };
             match event {
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -221,7 +206,7 @@ impl MqttIngest {
         let drained = async {
             let drive = async {
                 loop {
-                    if let Err(e) = next_event(&mut eventloop, &mut acks).await {
+                    if let Err(e) = eventloop.poll().await {
                         tracing::debug!(error = %e, "MQTT connection error while draining acknowledgements");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -231,11 +216,7 @@ impl MqttIngest {
                 _ = tracker.wait() => {}
                 _ = drive => {}
             }
-            // The acknowledger has ended: write the last acknowledgements it handed over.
-            if let Err(e) = acks.write_ready(&mut eventloop).await {
-                tracing::debug!(error = %e, "last PUBACKs not written; the broker will redeliver those messages");
-            }
-            // Send DISCONNECT after the PUBACKs, then keep reading until the broker
+            // Send the queued PUBACKs and DISCONNECT, then keep reading until the broker
             // closes the connection. Dropping the socket while the broker's data is still
             // unread makes the kernel send a reset, and a broker that receives a reset
             // discards what it had not read yet: the last PUBACKs, so it would redeliver
@@ -301,23 +282,46 @@ struct Uncommitted {
 /// Commit, then acknowledge, in the order the messages arrived: MQTT 3.1.1 (section 4.6)
 /// requires PUBACKs in PUBLISH order, and strict brokers drop a client that breaks it.
 ///
-/// The packet ids go to the task that drives the event loop (see [`Acks`]) through an
-/// unbounded channel: waiting here for that task, which itself waits for this one when the
-/// uncommitted channel is full, would close a circle.
+/// PUBACKs travel through rumqttc's request channel, which only the event loop drains, and
+/// the event loop waits for this task when the uncommitted channel is full. Waiting here
+/// for room in the request channel would close that circle (a deadlock seen with a broker
+/// that keeps more than 1,000 messages in flight), so acknowledgements that do not fit yet
+/// wait in a local queue of 2-byte packet ids while this task keeps draining its input.
 async fn acknowledge_in_order(
     heartbeat: crate::watchdog::Heartbeat,
     mut uncommitted: mpsc::Receiver<Uncommitted>,
-    acks: mpsc::UnboundedSender<Vec<u16>>,
+    client: AsyncClient,
     buffer: Buffer,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
+    let mut unsent: VecDeque<u16> = VecDeque::new();
+    let send_acks = |unsent: &mut VecDeque<u16>| {
+        while let Some(pkid) = unsent.front() {
+            let mut ack = Publish::new("", QoS::AtLeastOnce, Vec::new());
+            ack.pkid = *pkid;
+            match client.try_ack(&ack) {
+                Ok(()) => {
+                    unsent.pop_front();
+                }
+                Err(rumqttc::ClientError::TryRequest(_)) => return true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "PUBACK not sent (connection closing); the broker will redeliver");
+                    unsent.clear();
+                }
+            }
+        }
+        false
+    };
     loop {
         heartbeat.beat();
-        // An empty channel means no input: idle, not stuck.
-        let Some(u) = heartbeat.idle(uncommitted.recv()).await else {
-            break;
+        let blocked = send_acks(&mut unsent);
+        let next = tokio::select! {
+            // An empty channel means no input: idle, not stuck.
+            u = heartbeat.idle(uncommitted.recv()) => u,
+            _ = tokio::time::sleep(Duration::from_millis(2)), if blocked => continue,
         };
+        let Some(u) = next else { break };
         let accepted = u.entries.iter().filter(|e| e.is_record()).count();
         if finish_commit(&buffer, u.queued, u.entries, &cancel, "mqtt", &heartbeat)
             .await
@@ -330,89 +334,13 @@ async fn acknowledge_in_order(
             metrics.accepted("mqtt", accepted as u64);
         }
         // QoS 0 messages have nothing to acknowledge.
-        let pkids: Vec<u16> = u
-            .publishes
-            .iter()
-            .filter(|p| p.qos != QoS::AtMostOnce)
-            .map(|p| p.pkid)
-            .collect();
-        if !pkids.is_empty() && acks.send(pkids).is_err() {
-            tracing::debug!("PUBACKs not sent (MQTT ingest has stopped); the broker will redeliver");
-            break;
-        }
+        unsent.extend(u.publishes.iter().filter(|p| p.qos != QoS::AtMostOnce).map(|p| p.pkid));
     }
-}
-
-/// Acknowledgements of committed messages, in PUBLISH order, on their way to the broker.
-///
-/// The task that drives the event loop writes them straight to the connection, all that
-/// are ready in one write and one flush.
-struct Acks {
-    ready: mpsc::UnboundedReceiver<Vec<u16>>,
-    /// Taken from `ready`, not yet in the connection's write buffer.
-    unwritten: VecDeque<u16>,
-}
-
-impl Acks {
-    /// Writes every acknowledgement that is ready and flushes them. An error closes the
-    /// connection (as rumqttc does when its own write fails); the caller reconnects.
-    async fn write_ready(&mut self, eventloop: &mut EventLoop) -> Result<(), ConnectionError> {
-        while let Ok(pkids) = self.ready.try_recv() {
-            self.unwritten.extend(pkids);
-        }
-        if self.unwritten.is_empty() {
-            return Ok(());
-        }
-        let timeout = Duration::from_secs(eventloop.network_options.connection_timeout());
-        let Some(network) = eventloop.network.as_mut() else {
-            return Ok(());
-        };
-        let written: Result<(), ConnectionError> = async {
-            while let Some(&pkid) = self.unwritten.front() {
-                // Past 8 KiB of buffered bytes, a write flushes by itself.
-                network.write(Packet::PubAck(PubAck::new(pkid))).await?;
-                // In the write buffer now: the next flush sends it even if this is dropped.
-                self.unwritten.pop_front();
-            }
-            match tokio::time::timeout(timeout, network.flush()).await {
-                Ok(flushed) => Ok(flushed?),
-                Err(_) => Err(ConnectionError::FlushTimeout),
-            }
-        }
-        .await;
-        if written.is_err() {
-            eventloop.clean();
-            self.forget();
-        }
-        written
-    }
-
-    /// Drops the acknowledgements for a lost connection, as rumqttc does with its own queue:
-    /// the broker sends those messages again, and the buffer counts them as duplicates.
-    fn forget(&mut self) {
-        self.unwritten.clear();
-        while self.ready.try_recv().is_ok() {}
-    }
-}
-
-/// The event loop's next event. While waiting for it, acknowledgements are written as soon
-/// as they are ready.
-async fn next_event(eventloop: &mut EventLoop, acks: &mut Acks) -> Result<Event, ConnectionError> {
-    loop {
-        if eventloop.network.is_some() {
-            acks.write_ready(eventloop).await?;
-        }
-        let connected = eventloop.network.is_some();
-        tokio::select! {
-            biased;
-            Some(pkids) = acks.ready.recv(), if connected => acks.unwritten.extend(pkids),
-            event = eventloop.poll() => {
-                if event.is_err() {
-                    acks.forget();
-                }
-                return event;
-            }
-        }
+    // Input is over: hand the last acknowledgements to the event loop, which shutdown keeps
+    // polling for a while.
+    let deadline = tokio::time::Instant::now() + ACK_DRAIN;
+    while send_acks(&mut unsent) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
