@@ -55,6 +55,9 @@ pub const DEAD_LETTER_RAW_MAX: usize = 1024 * 1024;
 /// Longest a group commit waits for the callers of the previous one to come back (see
 /// `WriterState::run`): a small fraction of a durable commit's own cost.
 const GROUP_LINGER: std::time::Duration = std::time::Duration::from_micros(250);
+/// Longest a release that starts a transaction waits for another command to share its
+/// commit (see `WriterState::run`).
+const RELEASE_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -672,6 +675,13 @@ enum Outcome {
     Done,
 }
 
+/// What the last transaction held: the next one's waits depend on it.
+#[derive(Debug, Clone, Copy)]
+struct LastGroup {
+    commands: usize,
+    had_append: bool,
+}
+
 impl WriterState {
     fn run(mut self, rx: flume::Receiver<Command>) {
         // How many commands the last transaction held: their callers are likely to come
@@ -683,9 +693,21 @@ impl WriterState {
         //
         // Each command is applied inside the open transaction as soon as it arrives, so the
         // inserts of the first callers overlap the wait for the last ones.
-        let mut expected = 1usize;
+        //
+        // While readings come in, a release that comes alone waits for company, up to
+        // RELEASE_LINGER. Nothing waits on it: its rows are confirmed, and a crash before its
+        // commit only publishes them again. At a steady rate the next reading's append comes
+        // within a millisecond or two, so one durable commit (one fsync) serves both. At
+        // 1,000 readings/s this took the agent from 1.1-1.2 commits per reading to 0.8 and
+        // its CPU down by a tenth (README, Performance); before, a release met an append
+        // only by chance. Once a transaction holds no append (ingest has gone quiet), the
+        // next release does not wait: a publisher draining a backlog is not slowed down.
+        let mut last = LastGroup {
+            commands: 1,
+            had_append: false,
+        };
         while let Ok(first) = rx.recv() {
-            expected = self.commit_group(first, &rx, expected);
+            last = self.commit_group(first, &rx, last);
         }
         // Every handle is gone: checkpoint so the WAL does not have to be replayed at start.
         if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
@@ -694,8 +716,11 @@ impl WriterState {
     }
 
     /// One transaction: `first`, then the commands that arrive (see [`WriterState::run`]);
-    /// returns how many it held.
-    fn commit_group(&mut self, first: Command, rx: &flume::Receiver<Command>, expected: usize) -> usize {
+    /// returns what it held.
+    fn commit_group(&mut self, first: Command, rx: &flume::Receiver<Command>, last: LastGroup) -> LastGroup {
+        let expected = last.commands;
+        let lone_release_waits = last.had_append && matches!(first, Command::Release { .. });
+        let mut had_append = false;
         let start = Tally {
             pending: self.shared.pending.load(Ordering::Acquire),
             bytes: self.shared.pending_bytes.load(Ordering::Acquire),
@@ -714,6 +739,7 @@ impl WriterState {
         let mut handed = Vec::new();
         let now = crate::reading::now_ms();
         let deadline = std::time::Instant::now() + GROUP_LINGER;
+        let lone_release_deadline = std::time::Instant::now() + RELEASE_LINGER;
         let max_batch = self.cfg.max_batch;
         let result = (|| -> rusqlite::Result<Vec<Outcome>> {
             let tx = self.conn.transaction()?;
@@ -735,7 +761,10 @@ impl WriterState {
                 let (w, reply) = split(cmd);
                 waiting.push(reply);
                 outcomes.push(match w {
-                    Work::Append(entries) => Outcome::Append(batch.append(entries, self.rules.as_mut())?),
+                    Work::Append(entries) => {
+                        had_append = true;
+                        Outcome::Append(batch.append(entries, self.rules.as_mut())?)
+                    }
                     Work::Tick(now_ms) => {
                         if let Some(rules) = self.rules.as_mut() {
                             let (events, changed) = rules.engine.on_tick(now_ms);
@@ -760,6 +789,9 @@ impl WriterState {
                 if weight < max_batch {
                     next = match rx.try_recv() {
                         Ok(cmd) => Some(cmd),
+                        Err(flume::TryRecvError::Empty) if lone_release_waits && waiting.len() == 1 => {
+                            rx.recv_deadline(lone_release_deadline).ok()
+                        }
                         Err(flume::TryRecvError::Empty) if waiting.len() < expected => rx.recv_deadline(deadline).ok(),
                         Err(_) => None,
                     };
@@ -819,7 +851,10 @@ impl WriterState {
                 }
             }
         }
-        held
+        LastGroup {
+            commands: held,
+            had_append,
+        }
     }
 
     fn publish(&self, start: Tally, t: Tally) {
@@ -1262,6 +1297,26 @@ pub(crate) mod tests {
             device_id: "d".into(),
             payload: format!("{{\"value\":{i}}}").into_bytes(),
         })
+    }
+
+    /// At a steady rate the publisher's release of one reading and the next reading's
+    /// append come about a millisecond apart: they share one durable commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_that_comes_alone_shares_the_next_appends_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = Arc::new(Metrics::new());
+        let (buf, _writer) = Buffer::open(dir.path(), &cfg(), m.clone()).expect("open");
+        buf.append((0..2).map(record).collect()).await.expect("append");
+        let rows = buf.load_after(0, 2).await.expect("load");
+        let commits_before = m.buffer_commits.get();
+        let (released, appended) = tokio::join!(buf.release(rows.iter().map(|r| r.id).collect()), async {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            buf.append(vec![record(2)]).await
+        });
+        released.expect("release");
+        assert_eq!(appended.expect("append").inserted, 1);
+        assert_eq!(m.buffer_commits.get() - commits_before, 1, "one commit for both");
+        assert_eq!(buf.pending(), 1);
     }
 
     #[tokio::test]
