@@ -1082,3 +1082,41 @@ pub fn serial_lines(seqs: std::ops::Range<u64>) -> Vec<String> {
 pub fn routing_key(device: &str, sensor: &str) -> String {
     format!("reading.{device}.{sensor}")
 }
+
+/// Reading `i` comes from `dev{i % 4}`'s `temp` sensor.
+pub fn four_devices(i: u64) -> (String, String) {
+    (format!("dev{}", i % 4), "temp".to_string())
+}
+
+/// The readings of `0..total` (from [`four_devices`]) that have not arrived.
+pub fn missing(collector: &Collector, total: u64) -> Vec<u64> {
+    let counts = arrivals(&collector.readings());
+    (0..total)
+        .filter(|i| !counts.contains_key(&(four_devices(*i).0, *i)))
+        .collect()
+}
+
+/// How many readings arrived more than once, counting each extra copy.
+pub fn duplicates(collector: &Collector) -> usize {
+    arrivals(&collector.readings()).values().map(|n| n - 1).sum()
+}
+
+/// Waits until readings `0..total` (from [`four_devices`]) all arrived (failing with the missing ones), then until
+/// the agent's buffer is empty.
+pub async fn expect_all_arrived(agent: &Agent, collector: &Collector, total: u64, within: Duration) {
+    if let Err(e) = collector.wait_distinct(total, within).await {
+        let gone = missing(collector, total);
+        agent.fail(format!(
+            "{e}; {} missing, first: {:?}",
+            gone.len(),
+            &gone[..gone.len().min(20)]
+        ));
+    }
+    let gone = missing(collector, total);
+    assert!(gone.is_empty(), "lost: {gone:?}");
+    agent
+        .wait_metrics("the buffer to drain", Duration::from_secs(30), |m| {
+            m.value("edgecase_buffer_pending_readings") == 0.0
+        })
+        .await;
+}
