@@ -13,15 +13,7 @@ async fn kill_dash_nine_loses_nothing() {
     agent.wait_connected(true).await;
     let (collector, _probe) = subscribed_collector(&agent, &bed.names).await;
 
-    // ~1000/s, and at most 500 ahead of what arrived: while the agent is down the broker
-    // queues at most that many for its session (its limit is 1000).
-    let plan = StreamPlan {
-        total: TOTAL,
-        per_second: Some(1000.0),
-        identity: four_devices,
-        lead: Some((500, collector.progress())),
-    };
-    let stream = Streaming::start(&bed.names, plan).await;
+    let stream = Streaming::start(&bed.names, steady_four_devices(TOTAL, &collector)).await;
     let mut max_backlog = 0;
     for (kill, at) in [1100u64, 2700, 4400].into_iter().enumerate() {
         stream
@@ -66,13 +58,7 @@ async fn sigterm_stops_cleanly() {
     agent.wait_connected(true).await;
     let (collector, _probe) = subscribed_collector(&agent, &bed.names).await;
 
-    let plan = StreamPlan {
-        total: 4000,
-        per_second: Some(1000.0),
-        identity: four_devices,
-        lead: Some((500, collector.progress())),
-    };
-    let stream = Streaming::start(&bed.names, plan).await;
+    let stream = Streaming::start(&bed.names, steady_four_devices(4000, &collector)).await;
     stream
         .wait_published(1500, Duration::from_secs(30))
         .await
@@ -124,13 +110,7 @@ async fn sigterm_acknowledges_everything_it_committed() {
     agent.wait_connected(true).await;
     let (collector, _probe) = subscribed_collector(&agent, &bed.names).await;
 
-    let plan = StreamPlan {
-        total: 400 * (CYCLES + 1),
-        per_second: Some(1000.0),
-        identity: four_devices,
-        lead: Some((500, collector.progress())),
-    };
-    let stream = Streaming::start(&bed.names, plan).await;
+    let stream = Streaming::start(&bed.names, steady_four_devices(400 * (CYCLES + 1), &collector)).await;
     for cycle in 1..=CYCLES {
         stream
             .wait_published(400 * cycle, Duration::from_secs(30))

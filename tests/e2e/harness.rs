@@ -1083,6 +1083,18 @@ pub fn routing_key(device: &str, sensor: &str) -> String {
     format!("reading.{device}.{sensor}")
 }
 
+/// Readings `0..total` from [`four_devices`] at about 1,000/s, never more than 500 ahead of
+/// what arrived: while the agent is down or reconnecting, the broker queues at most that
+/// many for its session (its limit is 1000).
+pub fn steady_four_devices(total: u64, collector: &Collector) -> StreamPlan {
+    StreamPlan {
+        total,
+        per_second: Some(1000.0),
+        identity: four_devices,
+        lead: Some((500, collector.progress())),
+    }
+}
+
 /// Reading `i` comes from `dev{i % 4}`'s `temp` sensor.
 pub fn four_devices(i: u64) -> (String, String) {
     (format!("dev{}", i % 4), "temp".to_string())

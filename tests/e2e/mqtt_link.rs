@@ -69,15 +69,7 @@ async fn a_cut_mqtt_connection_loses_nothing() {
     agent.wait_connected(true).await;
     let (collector, _probe) = subscribed_collector(&agent, &bed.names).await;
 
-    // ~1000/s and at most 500 ahead of what arrived, so the broker's queue for the agent's
-    // session stays below its limit of 1000 while the agent reconnects.
-    let plan = StreamPlan {
-        total: TOTAL,
-        per_second: Some(1000.0),
-        identity: four_devices,
-        lead: Some((500, collector.progress())),
-    };
-    let stream = Streaming::start(&bed.names, plan).await;
+    let stream = Streaming::start(&bed.names, steady_four_devices(TOTAL, &collector)).await;
     for (n, at) in [1100u64, 2700, 4400].into_iter().enumerate() {
         stream
             .wait_published(at, Duration::from_secs(30))
