@@ -738,8 +738,9 @@ impl WriterState {
         // Rows stored by this transaction, handed to the publisher once it commits.
         let mut handed = Vec::new();
         let now = crate::reading::now_ms();
-        let deadline = std::time::Instant::now() + GROUP_LINGER;
-        let lone_release_deadline = std::time::Instant::now() + RELEASE_LINGER;
+        let opened = std::time::Instant::now();
+        let deadline = opened + GROUP_LINGER;
+        let lone_release_deadline = opened + RELEASE_LINGER;
         let max_batch = self.cfg.max_batch;
         let result = (|| -> rusqlite::Result<Vec<Outcome>> {
             let tx = self.conn.transaction()?;
