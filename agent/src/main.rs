@@ -71,6 +71,8 @@ fn memory_setup() {
 /// keep their number), and the Rust bindings leave this one out.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// Settings for Linux with glibc, which the gateway builds are:
+///
 /// - No transparent huge pages for this process: mimalloc reserves its memory in large,
 ///   aligned regions, and a kernel that backs them with 2 MiB pages (THP `always`, or
 ///   `madvise` with mimalloc's own advice, which the `no_thp` feature leaves out) turns a
