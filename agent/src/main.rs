@@ -48,7 +48,7 @@ fn restore_sigpipe() {
 /// The agent's Rust allocations go to mimalloc. Under burst load glibc's malloc took about a
 /// fifth of the agent's CPU in a profile: its threads allocate on one thread and free on
 /// another all the time (runtime workers, the buffer writer, the AMQP client's I/O thread).
-/// With mimalloc the bursts took a median of 29.5 µs of CPU per reading against 31.5 µs,
+/// With mimalloc the bursts took a median of 28 µs of CPU per reading against 31.5 µs,
 /// and end to end came closer to its goal (README, Performance).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
