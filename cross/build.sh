@@ -4,6 +4,8 @@
 #
 #   cross/build.sh aarch64      # Raspberry Pi 3/4/5 (and Zero 2 W) on a 64-bit OS
 #   cross/build.sh armv7        # the same boards on 32-bit Raspberry Pi OS (armhf)
+#   cross/build.sh --install-only armv7    # only install the toolchain if it is missing
+#                                          # (exit status 1 if it cannot be installed)
 #
 # Output: $CROSS_TARGET_DIR/<triple>/release/{edgecase,edgecase-sim}; CROSS_TARGET_DIR
 # defaults to target/cross (a tree of its own: Debian's rustc and rustup's do not share
@@ -11,11 +13,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+install_only=false
+if [ "${1:-}" = --install-only ]; then
+  install_only=true
+  shift
+fi
 target=${1:-}
 case "$target" in
   aarch64) triple=aarch64-unknown-linux-gnu; gcc=aarch64-linux-gnu; arch=arm64; qemu=qemu-aarch64-static ;;
   armv7) triple=armv7-unknown-linux-gnueabihf; gcc=arm-linux-gnueabihf; arch=armhf; qemu=qemu-arm-static ;;
-  *) echo "usage: cross/build.sh aarch64|armv7" >&2; exit 2 ;;
+  *) echo "usage: cross/build.sh [--install-only] aarch64|armv7" >&2; exit 2 ;;
 esac
 
 # Installed already? Otherwise install (needs root and Debian's package registry).
@@ -26,6 +33,9 @@ ready() {
   [ "$rustc" = "$std" ] && command -v "$gcc-gcc" >/dev/null && command -v "$qemu" >/dev/null
 }
 ready || ./cross/setup.sh "$target"
+if $install_only; then
+  exit 0
+fi
 
 export CARGO_TARGET_DIR=${CROSS_TARGET_DIR:-$PWD/target/cross}
 upper=$(echo "$triple" | tr 'a-z-' 'A-Z_')
