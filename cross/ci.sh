@@ -41,7 +41,7 @@ for t in sfdisk:fdisk mkfs.vfat:dosfstools mcopy:mtools; do command -v "${t%%:*}
 
 step "armv7"
 # Its standard library sometimes cannot be installed (a mirror mid-sync, cross/README.md):
-# then armv7 is skipped. Once it is installed, a failed build or test fails like any other.
+# then armv7 is skipped. Once it is installed, a failed build, test or package fails CI.
 if ./cross/build.sh --install-only armv7; then
   ./cross/build.sh armv7
   armbin=${CROSS_TARGET_DIR:-$PWD/target/cross}/armv7-unknown-linux-gnueabihf/release/edgecase
