@@ -58,7 +58,7 @@ impl Handover {
 
     /// The writer, after a commit: the rows it stored, in id order. `deleted_others`: the
     /// transaction also deleted unpublished rows (drop-oldest), which may be held here.
-    pub fn committed(&mut self, rows: Vec<StoredRecord>, deleted_others: bool) {
+    pub fn committed(&mut self, rows: impl IntoIterator<Item = StoredRecord>, deleted_others: bool) {
         if deleted_others {
             self.forget();
         }
