@@ -648,11 +648,12 @@ struct WriterState {
 }
 
 /// The collections one transaction fills, kept empty between transactions with their
-/// capacity. A group commit of a thousand appends grew them afresh every time, and with
-/// glibc's malloc each growth past 1 KiB first consolidated the thread's free lists: a
-/// quarter of the writer thread's time in the benchmark's 1,000 × 1 shape (README,
-/// Performance). What they keep is bounded by `buffer.max_batch` (one transaction's
-/// entries): under 1 MB at its default of 4,096, about what the hand-over holds.
+/// capacity. Grown afresh for every group commit, they were a quarter of the writer
+/// thread's samples in a profile of the benchmark's buffer (glibc's malloc consolidates
+/// its free lists before each allocation of 1 KiB or more; the agent itself runs on
+/// mimalloc). Kept, the 64 × 64 shape committed about a seventh more against plain SQLite
+/// in the same runs (README, Performance). What they keep is bounded by
+/// `buffer.max_batch` (one transaction's entries): under 1 MB at its default of 4,096.
 #[derive(Default)]
 struct Spare {
     waiting: Vec<Waiting>,
