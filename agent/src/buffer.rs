@@ -648,7 +648,7 @@ struct WriterState {
 }
 
 /// The collections one transaction fills, kept empty between transactions with their
-/// capacity. Grown afresh for every group commit, they were a quarter of the writer
+/// capacity. Grown afresh for every group commit, they were a seventh of the writer
 /// thread's samples in a profile of the benchmark's buffer (glibc's malloc consolidates
 /// its free lists before each allocation of 1 KiB or more; the agent itself runs on
 /// mimalloc). Kept, the 64 × 64 shape committed about a seventh more against plain SQLite
