@@ -770,6 +770,7 @@ impl WriterState {
                 new_ids: &mut new_ids,
                 cases: &mut cases,
                 handed: &mut handed,
+                insert: None,
                 now,
             };
             let mut weight = 0;
@@ -816,6 +817,8 @@ impl WriterState {
                 }
             }
             prune_dead_letters(&tx, self.cfg.max_dead_letters, batch.tally)?;
+            // Its prepared statement goes back to the cache before the commit.
+            drop(batch);
             let committing = std::time::Instant::now();
             tx.commit()?;
             self.shared
@@ -918,6 +921,9 @@ struct Batch<'t, 'c> {
     cases: &'t mut Vec<(String, crate::rules::CaseAction)>,
     /// Rows stored, in id order.
     handed: &'t mut Vec<StoredRecord>,
+    /// The outbox INSERT, prepared once for the transaction: taken from the statement
+    /// cache for each row, it cost two hashes of its SQL text per reading.
+    insert: Option<rusqlite::CachedStatement<'t>>,
     now: i64,
 }
 
@@ -979,10 +985,13 @@ impl Batch<'_, '_> {
             report.duplicates += 1;
             return Ok(false);
         }
-        let mut insert = self.tx.prepare_cached(
-            "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, device_id, payload, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
+        let insert = match &mut self.insert {
+            Some(insert) => insert,
+            None => self.insert.insert(self.tx.prepare_cached(
+                "INSERT OR IGNORE INTO outbox (message_id, exchange, routing_key, device_id, payload, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?),
+        };
         if insert.execute(params![
             r.message_id,
             r.exchange,
