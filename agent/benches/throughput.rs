@@ -22,10 +22,13 @@
 //!
 //! Agent figures:
 //! - the buffer alone ([`edgecase::buffer::Buffer`], group commit, full durability) with
-//!   many concurrent appenders: 1,000 single-reading appenders (the MQTT ingest's shape: up
-//!   to `mqtt.max_uncommitted` appends at once) and 64 appenders of 64 readings carry the
-//!   goal; 64 single-reading appenders, which can never put more than 64 readings in a
-//!   commit, are shown for reference, with the time the COMMITs took;
+//!   many concurrent appenders: 1,000 single-reading appenders that each wait for their
+//!   commit (the hardest shape: a reply to a waiting task per reading), 64 appenders of 64
+//!   readings, and the MQTT ingest's own shape at its worst (one task queuing
+//!   single-reading appends without waiting, another awaiting the commits in order, at
+//!   most `mqtt.max_uncommitted` = 1,000 readings uncommitted) carry the goal; 64
+//!   single-reading appenders, which can never put more than 64 readings in a commit, are
+//!   shown for reference, with the time the COMMITs took;
 //! - the real `edgecase run` binary end to end, MQTT in → confirmed AMQP out, on each
 //!   broker: memory after 3 s idle, latency at 1,000 readings/s (MQTT publish → AMQP
 //!   delivery, plus the agent's own commit → confirm histogram), then [`BURSTS`] bursts
@@ -261,13 +264,21 @@ async fn measure_all(
     log("ceiling C': the same into the agent's outbox table");
     let ceil_cs = report.record(bounded(60, sqlite_ceiling(tmp, true)).await, "ceiling C'");
     let mut buffer_rows = Vec::new();
-    for (tasks, batch) in [(64usize, 1usize), (1000, 1), (64, 64)] {
-        log(format!("buffer: {tasks} tasks appending {batch}-record batches"));
+    for shape in [
+        BufferShape::Waiting { tasks: 64, batch: 1 },
+        BufferShape::Waiting { tasks: 1000, batch: 1 },
+        BufferShape::Waiting { tasks: 64, batch: 64 },
+        BufferShape::Queued {
+            batch: 1,
+            uncommitted: 1000,
+        },
+    ] {
+        log(format!("buffer: {}", shape.describe()));
         let r = report.record(
-            bounded(90, buffer_rate(tmp, tasks, batch)).await,
-            &format!("buffer {tasks}x{batch}"),
+            bounded(90, buffer_rate(tmp, shape)).await,
+            &format!("buffer {}", shape.tag()),
         );
-        buffer_rows.push((tasks, batch, r));
+        buffer_rows.push((shape, r));
     }
     let rate = |r: &Option<Rate>| r.as_ref().map(|r| r.per_sec);
     let buffer_table = |report: &mut Report| {
@@ -280,28 +291,36 @@ async fn measure_all(
             ceil_cs.as_ref(),
         ));
         report.separator();
-        for (tasks, batch, r) in &buffer_rows {
+        for (shape, r) in &buffer_rows {
             // 64 single-reading appenders put at most 64 readings in a commit: their rate is
             // bound by one durable commit (an fsync) plus one round trip to the appenders per
             // 64 readings, whatever the buffer does. It is shown, not judged; the goal is
-            // judged on the agent's own ingest shape (up to mqtt.max_uncommitted = 1,000
-            // single-reading appends at once) and on batched appends.
-            let (figure, goal) = if *tasks == 64 && *batch == 1 {
-                (
-                    format!("Buffer: {tasks} tasks x {batch}-record appends (<= 64 a commit)"),
-                    Goal::Reference,
-                )
-            } else {
-                (
-                    format!("Buffer: {tasks} tasks x {batch}-record appends"),
-                    Goal::AtLeast(GOAL_BUFFER_RATE),
-                )
+            // judged on the other shapes: 1,000 waiting single-reading appenders (the
+            // hardest: a reply to a waiting task per reading), batched appends, and the MQTT
+            // ingest's own shape at its worst (one reading per append, queued).
+            let goal = match shape {
+                BufferShape::Waiting { tasks: 64, batch: 1 } => Goal::Reference,
+                _ => Goal::AtLeast(GOAL_BUFFER_RATE),
             };
-            report.row(Row::rate_vs(&figure, r.as_ref(), rate(&ceil_c), "C", goal));
+            report.row(Row::rate_vs(&shape.figure(), r.as_ref(), rate(&ceil_c), "C", goal));
+        }
+    };
+    let buffer_notes = |report: &mut Report| {
+        for (shape, r) in &buffer_rows {
+            if let Some(r) = r {
+                let vs = rate(&ceil_cs).map_or(String::new(), |c| format!("; {:.2} x ceiling C'", r.per_sec / c));
+                report.note(format!("buffer {}: {}{vs}", shape.tag(), r.detail));
+            }
+        }
+        for (name, r) in [("C", &ceil_c), ("C'", &ceil_cs)] {
+            if let Some(r) = r {
+                report.note(format!("ceiling {name}: {}", r.detail));
+            }
         }
     };
     if std::env::args().any(|a| a == "--buffer-only") {
         buffer_table(report);
+        buffer_notes(report);
         return Ok(());
     }
 
@@ -449,13 +468,8 @@ async fn measure_all(
             }
         }
     }
-    for (tasks, batch, r) in &buffer_rows {
-        if let Some(r) = r {
-            let vs = rate(&ceil_cs).map_or(String::new(), |c| format!("; {:.2} x ceiling C'", r.per_sec / c));
-            report.note(format!("buffer {tasks}x{batch}: {}{vs}", r.detail));
-        }
-    }
-    for (name, r) in [("C", &ceil_c), ("C'", &ceil_cs), ("B", &ceil_b), ("B'", &ceil_bx)] {
+    buffer_notes(report);
+    for (name, r) in [("B", &ceil_b), ("B'", &ceil_bx)] {
         if let Some(r) = r {
             report.note(format!("ceiling {name}: {}", r.detail));
         }
@@ -1572,7 +1586,56 @@ async fn sqlite_ceiling(tmp: &Path, outbox: bool) -> Result<Rate> {
 
 /// The agent's buffer alone: `tasks` concurrent appenders, each appending `batch` records
 /// at a time, for [`SQLITE_SECS`].
-async fn buffer_rate(tmp: &Path, tasks: usize, batch: usize) -> Result<Rate> {
+/// How the buffer rows append.
+#[derive(Clone, Copy)]
+enum BufferShape {
+    /// `tasks` tasks, each appending `batch` records and waiting for their commit before it
+    /// appends again.
+    Waiting { tasks: usize, batch: usize },
+    /// One task queuing `batch`-record appends without waiting, while a second awaits the
+    /// commits in order, with at most `uncommitted` readings queued and not yet committed:
+    /// the MQTT ingest's shape (its appends hold what one network read decoded, so one
+    /// reading each at worst, and `mqtt.max_uncommitted` is 1,000 by default).
+    Queued { batch: usize, uncommitted: usize },
+}
+
+impl BufferShape {
+    /// Short name for the log and the details.
+    fn tag(&self) -> String {
+        match self {
+            BufferShape::Waiting { tasks, batch } => format!("{tasks}x{batch}"),
+            BufferShape::Queued { batch, uncommitted } => format!("queued 1x{batch} ({uncommitted} uncommitted)"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            BufferShape::Waiting { tasks, batch } => format!("{tasks} tasks appending {batch}-record batches"),
+            BufferShape::Queued { batch, uncommitted } => format!(
+                "one task queuing {batch}-record appends, at most {uncommitted} readings uncommitted (the MQTT ingest's shape)"
+            ),
+        }
+    }
+
+    /// The table's figure name.
+    fn figure(&self) -> String {
+        match self {
+            BufferShape::Waiting { tasks: 64, batch: 1 } => {
+                "Buffer: 64 tasks x 1-record appends (<= 64 a commit)".into()
+            }
+            BufferShape::Waiting { tasks, batch } => format!("Buffer: {tasks} tasks x {batch}-record appends"),
+            BufferShape::Queued { batch, uncommitted } => {
+                format!("Buffer: queued {batch}-record appends (<= {uncommitted} uncommitted)")
+            }
+        }
+    }
+}
+
+async fn buffer_rate(tmp: &Path, shape: BufferShape) -> Result<Rate> {
+    let (tasks, batch) = match shape {
+        BufferShape::Waiting { tasks, batch } => (tasks, batch),
+        BufferShape::Queued { batch, .. } => (1, batch),
+    };
     let dir = tempfile::tempdir_in(tmp)?;
     let cfg = BufferConfig {
         max_readings: u64::MAX / 2,
@@ -1581,7 +1644,10 @@ async fn buffer_rate(tmp: &Path, tasks: usize, batch: usize) -> Result<Rate> {
     };
     let metrics = Arc::new(Metrics::new());
     let (buffer, writer) = Buffer::open(dir.path(), &cfg, metrics.clone()).context("Buffer::open")?;
-    let tag = format!("b{tasks}x{batch}");
+    let tag = match shape {
+        BufferShape::Waiting { .. } => format!("b{tasks}x{batch}"),
+        BufferShape::Queued { .. } => format!("q{batch}"),
+    };
     let per_task = SQLITE_POOL / tasks / batch;
     // Entries are built before the clock starts, as for ceiling C.
     let pools: Vec<Vec<Vec<Entry>>> = tokio::task::spawn_blocking(move || {
@@ -1600,26 +1666,55 @@ async fn buffer_rate(tmp: &Path, tasks: usize, batch: usize) -> Result<Rate> {
     .await?;
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
-    let handles: Vec<JoinHandle<Result<u64>>> = pools
-        .into_iter()
-        .map(|pool| {
+    let handles: Vec<JoinHandle<Result<u64>>> = match shape {
+        BufferShape::Waiting { .. } => pools
+            .into_iter()
+            .map(|pool| {
+                let (buffer, stop) = (buffer.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut inserted = 0;
+                    for entries in pool {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        inserted += buffer
+                            .append(entries)
+                            .await
+                            .map_err(|e| anyhow!("append: {e}"))?
+                            .inserted;
+                    }
+                    Ok(inserted)
+                })
+            })
+            .collect(),
+        BufferShape::Queued { uncommitted, .. } => {
+            // As the MQTT ingest does: the queuing task stops when `uncommitted` readings
+            // wait for their commit, and the other task takes the replies in order.
+            let (queued_tx, mut queued_rx) = tokio::sync::mpsc::channel((uncommitted / batch).max(1));
             let (buffer, stop) = (buffer.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut inserted = 0;
-                for entries in pool {
+            let queuing = tokio::spawn(async move {
+                for entries in pools.into_iter().flatten() {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    inserted += buffer
-                        .append(entries)
-                        .await
-                        .map_err(|e| anyhow!("append: {e}"))?
-                        .inserted;
+                    let queued = buffer.queue(entries).await.map_err(|e| anyhow!("queue: {e}"))?;
+                    if queued_tx.send(queued).await.is_err() {
+                        bail!("the task awaiting the commits stopped");
+                    }
+                }
+                Ok(0)
+            });
+            let awaiting = tokio::spawn(async move {
+                let mut inserted = 0;
+                while let Some(queued) = queued_rx.recv().await {
+                    inserted += queued.committed().await.map_err(|e| anyhow!("append: {e}"))?.inserted;
                 }
                 Ok(inserted)
-            })
-        })
-        .collect();
+            });
+            // The awaiting task first: its error (a failed commit) is the cause of the other's.
+            vec![awaiting, queuing]
+        }
+    };
     let timer = {
         let stop = stop.clone();
         tokio::spawn(async move {
