@@ -1584,8 +1584,6 @@ async fn sqlite_ceiling(tmp: &Path, outbox: bool) -> Result<Rate> {
     .await?
 }
 
-/// The agent's buffer alone: `tasks` concurrent appenders, each appending `batch` records
-/// at a time, for [`SQLITE_SECS`].
 /// How the buffer rows append.
 #[derive(Clone, Copy)]
 enum BufferShape {
@@ -1631,6 +1629,7 @@ impl BufferShape {
     }
 }
 
+/// The agent's buffer alone, appended to in `shape`, for [`SQLITE_SECS`].
 async fn buffer_rate(tmp: &Path, shape: BufferShape) -> Result<Rate> {
     let (tasks, batch) = match shape {
         BufferShape::Waiting { tasks, batch } => (tasks, batch),
