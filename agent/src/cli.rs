@@ -450,9 +450,8 @@ fn buffer(cmd: BufferCommand) -> Result<()> {
                 println!("#{id} still rejected: {why}");
             }
             println!(
-                "replayed {} dead letter(s) into the buffer ({} already pending), {} still rejected",
+                "replayed {} dead letter(s) into the buffer, {} still rejected",
                 report.queued,
-                report.duplicates,
                 report.still_failing.len()
             );
             Ok(())

@@ -81,6 +81,13 @@ impl Handover {
         }
     }
 
+    /// Rows up to id `up_to` were committed by someone else (`edgecase buffer replay`):
+    /// they are only in the database, so the reader goes there for everything up to them.
+    pub fn rows_added_elsewhere(&mut self, up_to: i64) {
+        self.high = self.high.max(up_to);
+        self.forget();
+    }
+
     /// Up to `limit` unpublished rows with an id above `after`, oldest first; `None` when
     /// the database must answer.
     pub fn take(&mut self, after: i64, limit: usize) -> Option<Vec<StoredRecord>> {
@@ -180,6 +187,21 @@ mod tests {
         h.served_from_database(10);
         assert_eq!(ids(h.take(10, 50)), Some(vec![11, 12]));
         assert_eq!(ids(h.take(12, 50)), Some(vec![]));
+    }
+
+    #[test]
+    fn rows_added_elsewhere_are_read_from_the_database_first() {
+        let mut h = Handover::new(0, 100, 1 << 20);
+        h.committed(rows(1..=2), false);
+        assert_eq!(ids(h.take(0, 50)), Some(vec![1, 2]));
+        // Rows 3-4 were inserted by another process; the writer then stores 5.
+        h.rows_added_elsewhere(4);
+        h.committed(rows(5..=5), false);
+        assert_eq!(ids(h.take(2, 50)), None, "3 and 4 are only in the database");
+        h.served_from_database(5);
+        assert_eq!(ids(h.take(5, 50)), Some(vec![]));
+        h.committed(rows(6..=6), false);
+        assert_eq!(ids(h.take(5, 50)), Some(vec![6]));
     }
 
     #[test]
