@@ -2,7 +2,8 @@
 # The agent's cost at a steady rate, the load a gateway normally sees: starts the gateway
 # build of the agent against the local Mosquitto and RabbitMQ, sends it RATE readings a
 # second (edgecase-sim mqtt) until COUNT were sent, and prints the agent's CPU time per
-# thread (from /proc) and how many buffer transactions (durable commits) it took.
+# thread (from /proc), how many buffer transactions (durable commits) it took and how many
+# bytes it wrote to storage (flash wear on a gateway).
 #
 #   scripts/steady-load.sh [RATE] [COUNT] [AGENT_BINARY]    defaults: 1000 10000, the
 #                                                          gateway build (built if needed)
@@ -63,10 +64,13 @@ for _ in $(seq 1 50); do [ "$(metric edgecase_mqtt_connected)" = 1 ] && break; s
 
 cpu() { for t in /proc/"$pid"/task/*; do echo "$(tr ' ' _ <"$t/comm") $(awk '{print $14, $15}' "$t/stat")"; done | sort; }
 commits0=$(metric edgecase_buffer_commits_total)
+written() { awk '$1 == "write_bytes:" {print $2}' /proc/"$pid"/io; }
+written0=$(written)
 cpu >"$work/before"
 "$sim" mqtt --prefix "$prefix" --rate "$rate" --count "$count" -q >"$work/sim.log" 2>&1 || { cat "$work/sim.log" >&2; exit 1; }
 for _ in $(seq 1 100); do [ "$(metric edgecase_buffer_pending_readings)" = 0 ] && break; sleep 0.1; done
 cpu >"$work/after"
+written1=$(written)
 commits1=$(metric edgecase_buffer_commits_total)
 hz=$(getconf CLK_TCK)
 echo "$count readings at $rate/s through $agent"
@@ -77,3 +81,4 @@ paste "$work/before" "$work/after" | awk -v hz="$hz" -v n="$count" '
     printf "  agent total      %.2f s of CPU, %.0f us per reading\n", (tu + ts) / hz, (tu + ts) / hz / n * 1e6
   }'
 echo "  buffer transactions: $((commits1 - commits0)) ($(awk -v c=$((commits1 - commits0)) -v n="$count" 'BEGIN {printf "%.2f", c / n}') per reading)"
+echo "  written to storage: $(awk -v b=$((written1 - written0)) -v n="$count" 'BEGIN {printf "%.1f MB, %.0f bytes per reading", b / 1e6, b / n}') (/proc/PID/io write_bytes: the WAL, and the database file at checkpoints)"
