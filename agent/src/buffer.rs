@@ -1137,12 +1137,13 @@ impl Batch<'_, '_> {
                 let stored = next_outbox_id(self.tx)?;
                 if stored > self.tally.reserved_to {
                     // `edgecase buffer replay` took ids from the sequence since: its rows
-                    // count as pending too.
+                    // count as pending, and the dead letters it moved are gone.
                     *self.inserted_elsewhere = Some(stored - 1);
                     self.tally.reserved_to = stored;
-                    let (pending, bytes, _, _) = count(self.tx)?;
+                    let (pending, bytes, dead_letters, _) = count(self.tx)?;
                     self.tally.pending = pending;
                     self.tally.bytes = bytes;
+                    self.tally.dead_letters = dead_letters;
                     stored
                 } else {
                     self.tally.last_id + 1

@@ -284,3 +284,105 @@ async fn bad_input_is_dead_lettered_and_good_readings_flow() {
     );
     collector.close().await;
 }
+
+/// `edgecase buffer replay` beside the running, idle agent: a reading dead-lettered for its
+/// size is replayed with a larger `mqtt.max_payload_bytes`, and the agent publishes it
+/// without a restart and without another reading behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_replayed_beside_the_running_agent_is_published() {
+    let _rabbitmq = RABBITMQ.read().await;
+    let mut bed = TestBed::new("replay-live");
+    bed.config["mqtt"]["max_payload_bytes"] = serde_json::json!(200);
+    let agent = bed.start_agent();
+    agent.wait_connected(true).await;
+    let (collector, mut publisher) = subscribed_collector(&agent, &bed.names).await;
+
+    // Valid JSON, 300 bytes of it whitespace: rejected only for its size.
+    let big = format!("{{\"value\": 7.5, \"seq\": 7{}}}", " ".repeat(300));
+    publisher.publish(&bed.names.topic("dev-big", "temp"), big).await;
+    publisher
+        .wait_acked(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| agent.fail(e));
+    agent
+        .wait_metrics("the dead letter in the buffer", Duration::from_secs(20), |m| {
+            m.value("edgecase_buffer_dead_letters") == 1.0
+        })
+        .await;
+    let data_dir = bed.data_dir();
+    let data_dir = data_dir.to_str().expect("utf-8 path");
+    let out = run_cli(
+        &["buffer", "dead-letters", "--data-dir", data_dir, "--json"],
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap_or_else(|e| agent.fail(e));
+    let listed: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(
+        listed[0]["reason"].as_str().unwrap_or_default().contains("exceeds"),
+        "{}",
+        listed[0]
+    );
+    let id = listed[0]["id"].as_i64().expect("id").to_string();
+
+    let mut larger = bed.config.clone();
+    larger["mqtt"]["max_payload_bytes"] = serde_json::json!(65536);
+    let larger_path = bed.dir.path().join("replay.toml");
+    write_toml(&larger_path, &larger);
+    let out = run_cli(
+        &[
+            "buffer",
+            "replay",
+            "--data-dir",
+            data_dir,
+            "--config",
+            larger_path.to_str().expect("utf-8 path"),
+            "--id",
+            &id,
+        ],
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap_or_else(|e| agent.fail(e));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("replayed 1 dead letter(s) into the buffer, 0 still rejected"),
+        "replay: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let replayed = wait_for(Duration::from_secs(10), || {
+        let got = collector
+            .readings()
+            .into_iter()
+            .find(|r| r.device() == "dev-big" && r.seq() == Some(7));
+        async move { got }
+    })
+    .await
+    .unwrap_or_else(|| agent.fail("the replayed reading was not published within 10 s"));
+    assert_eq!(replayed.body["value"].as_f64(), Some(7.5), "{replayed:?}");
+    // And a reading that comes after it still flows.
+    publisher.reading(&bed.names, "dev-after", "temp", 1).await;
+    wait_for(Duration::from_secs(10), || {
+        let got = collector.readings().iter().any(|r| r.device() == "dev-after");
+        async move { got.then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|| agent.fail("the next reading was not published"));
+    let m = agent
+        .wait_metrics("the buffer to empty", Duration::from_secs(10), |m| {
+            m.value("edgecase_buffer_pending_readings") == 0.0 && m.value("edgecase_buffer_dead_letters") == 0.0
+        })
+        .await;
+    assert_eq!(
+        collector.readings().iter().filter(|r| r.device() == "dev-big").count(),
+        1,
+        "published once: {}",
+        m.summary()
+    );
+    collector.close().await;
+}
