@@ -42,7 +42,7 @@ use crate::config::{BufferConfig, OverflowPolicy};
 use crate::metrics::Metrics;
 use crate::reading::Reading;
 use crate::rules::{CaseEvent, Engine, RuleSet, RuleStates};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -427,9 +427,7 @@ impl Buffer {
             if !rows.is_empty() || !self.elsewhere_check_due() {
                 return Ok(rows);
             }
-            let next_id = self
-                .with_reader(|conn| conn.query_row("SELECT next_id FROM outbox_sequence", [], |r| r.get::<_, i64>(0)))
-                .await?;
+            let next_id = self.with_reader(next_outbox_id).await?;
             if next_id <= self.shared.reserved_to.load(Ordering::Acquire) {
                 return Ok(rows);
             }
@@ -590,21 +588,23 @@ fn open_connection(path: &Path) -> Result<Connection, Error> {
 /// table), and `outbox_sequence` is started above every id ever used. Does nothing on a
 /// current buffer.
 fn upgrade_outbox(conn: &mut Connection) -> rusqlite::Result<()> {
-    let current = |conn: &Connection| -> rusqlite::Result<bool> {
+    /// Whether `outbox.id` is AUTOINCREMENT, and whether `outbox_sequence` has its row.
+    fn layout(conn: &Connection) -> rusqlite::Result<(bool, bool)> {
         let sql: String = conn.query_row(
             "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox'",
             [],
             |r| r.get(0),
         )?;
         let sequenced: i64 = conn.query_row("SELECT count(*) FROM outbox_sequence", [], |r| r.get(0))?;
-        Ok(!sql.to_ascii_uppercase().contains("AUTOINCREMENT") && sequenced == 1)
-    };
-    if current(conn)? {
+        Ok((sql.to_ascii_uppercase().contains("AUTOINCREMENT"), sequenced == 1))
+    }
+    if layout(conn)? == (false, true) {
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     // Another process may have done it meanwhile.
-    if current(&tx)? {
+    let (autoincrement, sequenced) = layout(&tx)?;
+    if !autoincrement && sequenced {
         return Ok(());
     }
     // `sqlite_sequence` exists: `dead_letters` is AUTOINCREMENT.
@@ -615,12 +615,7 @@ fn upgrade_outbox(conn: &mut Connection) -> rusqlite::Result<()> {
         [],
         |r| r.get(0),
     )?;
-    let sql: String = tx.query_row(
-        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox'",
-        [],
-        |r| r.get(0),
-    )?;
-    if sql.to_ascii_uppercase().contains("AUTOINCREMENT") {
+    if autoincrement {
         let rows: i64 = tx.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
         tx.execute_batch(&format!(
             "CREATE TABLE outbox_upgrade {OUTBOX_COLUMNS};
@@ -645,8 +640,8 @@ fn upgrade_outbox(conn: &mut Connection) -> rusqlite::Result<()> {
 /// (`id > last`) never skips a row. Read inside the writing transaction; whoever takes ids
 /// advances it in the same transaction (the writer a block at a time, see
 /// [`ID_RESERVATION`]).
-fn next_outbox_id(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<i64> {
-    tx.query_row("SELECT next_id FROM outbox_sequence", [], |r| r.get(0))
+fn next_outbox_id(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT next_id FROM outbox_sequence", [], |r| r.get(0))
 }
 
 fn count(conn: &Connection) -> rusqlite::Result<(u64, u64, u64, i64)> {
@@ -656,10 +651,8 @@ fn count(conn: &Connection) -> rusqlite::Result<(u64, u64, u64, i64)> {
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     let dead: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
-    let next_id: Option<i64> = conn
-        .query_row("SELECT next_id FROM outbox_sequence", [], |r| r.get(0))
-        .optional()?;
-    Ok((pending as u64, bytes as u64, dead as u64, next_id.map_or(0, |n| n - 1)))
+    let next_id = next_outbox_id(conn)?;
+    Ok((pending as u64, bytes as u64, dead as u64, next_id - 1))
 }
 
 fn load_after(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<StoredRecord>> {
@@ -1719,82 +1712,74 @@ pub(crate) mod tests {
         assert_eq!(indexes, 0, "the old UNIQUE index went with the old table");
     }
 
+    /// A dead letter from MQTT with these raw bytes.
+    fn dead_letter(raw: &[u8]) -> NewDeadLetter {
+        NewDeadLetter {
+            source: "mqtt".into(),
+            origin: "sensors/a/b".into(),
+            device_id: Some("a".into()),
+            sensor: Some("b".into()),
+            reason: "payload is not valid JSON".into(),
+            raw: raw.to_vec(),
+        }
+    }
+
+    /// Replays every dead letter (as `edgecase buffer replay` would, from its own
+    /// connection) as a record with message id `message_id`.
+    fn replay_all(inspector: &mut Inspector, message_id: &str) -> ReplayReport {
+        let letters = inspector.dead_letters(&[], 10).expect("list");
+        inspector
+            .replay(&letters, |d| {
+                Ok(NewRecord {
+                    message_id: message_id.into(),
+                    exchange: "x".into(),
+                    routing_key: "reading.a.b".into(),
+                    device_id: "a".into(),
+                    payload: d.raw.clone(),
+                })
+            })
+            .expect("replay")
+    }
+
+    /// Reads like the publisher from `cursor` until `got` holds `n` message ids, or for at
+    /// most three of the reader's looks at the database.
+    async fn read_until(buf: &Buffer, cursor: &mut i64, got: &mut Vec<String>, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(3 * ELSEWHERE_CHECK_MS as u64);
+        while got.len() < n && std::time::Instant::now() < deadline {
+            for r in buf.load_after(*cursor, 10).await.expect("load") {
+                *cursor = r.id;
+                got.push(r.message_id);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// `edgecase buffer replay` beside a running agent: the rows it adds are only in the
     /// database, and the publisher finds them without a restart.
     #[tokio::test]
     async fn rows_replayed_beside_the_running_agent_are_published() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (buf, _w) = Buffer::open(dir.path(), &cfg(), Arc::new(Metrics::new())).expect("open");
-        let dl = NewDeadLetter {
-            source: "mqtt".into(),
-            origin: "sensors/a/b".into(),
-            device_id: Some("a".into()),
-            sensor: Some("b".into()),
-            reason: "payload is not valid JSON".into(),
-            raw: b"{\"value\":1".to_vec(),
-        };
-        buf.append(vec![record(1), Entry::DeadLetter(dl.clone())])
+        buf.append(vec![record(1), Entry::DeadLetter(dead_letter(b"{\"value\":1"))])
             .await
             .expect("append");
         let rows = buf.load_after(0, 10).await.expect("load");
         let mut cursor = rows[0].id;
         assert!(buf.load_after(cursor, 10).await.expect("load").is_empty());
         let mut inspector = Inspector::open(dir.path()).expect("inspect");
-        let letters = inspector.dead_letters(&[], 10).expect("list");
-        let report = inspector
-            .replay(&letters, |_| {
-                Ok(NewRecord {
-                    message_id: "replayed".into(),
-                    exchange: "x".into(),
-                    routing_key: "reading.a.b".into(),
-                    device_id: "a".into(),
-                    payload: b"{\"value\":1}".to_vec(),
-                })
-            })
-            .expect("replay");
-        assert_eq!(report.queued, 1);
+        assert_eq!(replay_all(&mut inspector, "replayed").queued, 1);
         // A reading stored after the replay comes after it.
         buf.append(vec![record(2)]).await.expect("append");
         let mut got = Vec::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(3 * ELSEWHERE_CHECK_MS as u64);
-        while got.len() < 2 && std::time::Instant::now() < deadline {
-            for r in buf.load_after(cursor, 10).await.expect("load") {
-                cursor = r.id;
-                got.push(r.message_id);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        read_until(&buf, &mut cursor, &mut got, 2).await;
         assert_eq!(got, ["replayed", "m2"]);
         assert_eq!(buf.pending(), 3);
         // And when the agent is idle, without a new reading behind it.
-        let letters = {
-            buf.append(vec![Entry::DeadLetter(NewDeadLetter {
-                raw: b"{\"value\":2".to_vec(),
-                ..dl
-            })])
+        buf.append(vec![Entry::DeadLetter(dead_letter(b"{\"value\":2"))])
             .await
             .expect("append");
-            inspector.dead_letters(&[], 10).expect("list")
-        };
-        inspector
-            .replay(&letters, |_| {
-                Ok(NewRecord {
-                    message_id: "replayed-idle".into(),
-                    exchange: "x".into(),
-                    routing_key: "reading.a.b".into(),
-                    device_id: "a".into(),
-                    payload: b"{\"value\":2}".to_vec(),
-                })
-            })
-            .expect("replay");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(3 * ELSEWHERE_CHECK_MS as u64);
-        while got.len() < 3 && std::time::Instant::now() < deadline {
-            for r in buf.load_after(cursor, 10).await.expect("load") {
-                cursor = r.id;
-                got.push(r.message_id);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        assert_eq!(replay_all(&mut inspector, "replayed-idle").queued, 1);
+        read_until(&buf, &mut cursor, &mut got, 3).await;
         assert_eq!(got, ["replayed", "m2", "replayed-idle"]);
     }
 
@@ -1881,14 +1866,7 @@ pub(crate) mod tests {
     async fn dead_letters_keep_reason_and_raw_bytes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (buf, _w) = Buffer::open(dir.path(), &cfg(), Arc::new(Metrics::new())).expect("open");
-        let dl = NewDeadLetter {
-            source: "mqtt".into(),
-            origin: "sensors/a/b".into(),
-            device_id: Some("a".into()),
-            sensor: Some("b".into()),
-            reason: "payload is not valid JSON".into(),
-            raw: vec![0xff, 0x00, 0x7b],
-        };
+        let dl = dead_letter(&[0xff, 0x00, 0x7b]);
         buf.append(vec![Entry::DeadLetter(dl.clone())]).await.expect("append");
         let inspector = Inspector::open(dir.path()).expect("inspect");
         let got = inspector.dead_letters(&[], 10).expect("list");
