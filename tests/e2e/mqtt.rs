@@ -118,6 +118,50 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `edgecase buffer dead-letters --json` with `extra` arguments: one JSON object a line.
+async fn list_dead_letters(agent: &Agent, data_dir: &str, extra: &[&str]) -> Vec<Value> {
+    let args = [&["buffer", "dead-letters", "--data-dir", data_dir, "--json"], extra].concat();
+    let out = run_cli(&args, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| agent.fail(e));
+    assert!(
+        out.status.success(),
+        "dead-letters failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8 output")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
+/// `edgecase buffer replay --id ID` with `config`; returns its standard output, asserting
+/// it succeeded.
+async fn replay_dead_letter(agent: &Agent, data_dir: &str, config: &std::path::Path, id: &str) -> String {
+    let config = config.to_str().expect("utf-8 path");
+    let args = [
+        "buffer",
+        "replay",
+        "--data-dir",
+        data_dir,
+        "--config",
+        config,
+        "--id",
+        id,
+    ];
+    let out = run_cli(&args, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| agent.fail(e));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "replay failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_dead_lettered_and_good_readings_flow() {
     let _rabbitmq = RABBITMQ.read().await;
@@ -188,22 +232,7 @@ async fn bad_input_is_dead_lettered_and_good_readings_flow() {
 
     let data_dir = bed.data_dir();
     let data_dir = data_dir.to_str().expect("utf-8 path");
-    let out = run_cli(
-        &["buffer", "dead-letters", "--data-dir", data_dir, "--json"],
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap_or_else(|e| agent.fail(e));
-    assert!(
-        out.status.success(),
-        "dead-letters failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listed: Vec<Value> = String::from_utf8(out.stdout)
-        .expect("utf-8 output")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
-        .collect();
+    let listed = list_dead_letters(&agent, data_dir, &[]).await;
     assert_eq!(listed.len(), 8, "dead letters listed: {listed:#?}");
     for d in &listed {
         for field in ["id", "reason", "raw_hex", "raw_bytes", "source", "origin"] {
@@ -233,40 +262,13 @@ async fn bad_input_is_dead_lettered_and_good_readings_flow() {
 
     // Replaying input that is still bad says so and keeps the dead letter.
     let id = invalid_json_id.expect("id").to_string();
-    let config = bed.config_path();
-    let out = run_cli(
-        &[
-            "buffer",
-            "replay",
-            "--data-dir",
-            data_dir,
-            "--config",
-            config.to_str().unwrap(),
-            "--id",
-            &id,
-        ],
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap_or_else(|e| agent.fail(e));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "replay failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = replay_dead_letter(&agent, data_dir, &bed.config_path(), &id).await;
     assert!(
         stdout.contains(&format!("#{id} still rejected")),
         "replay output: {stdout}"
     );
-    let out = run_cli(
-        &["buffer", "dead-letters", "--data-dir", data_dir, "--json", "--id", &id],
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap_or_else(|e| agent.fail(e));
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().count(),
+        list_dead_letters(&agent, data_dir, &["--id", &id]).await.len(),
         1,
         "dead letter {id} kept after a failed replay"
     );
@@ -311,16 +313,7 @@ async fn a_dead_letter_replayed_beside_the_running_agent_is_published() {
         .await;
     let data_dir = bed.data_dir();
     let data_dir = data_dir.to_str().expect("utf-8 path");
-    let out = run_cli(
-        &["buffer", "dead-letters", "--data-dir", data_dir, "--json"],
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap_or_else(|e| agent.fail(e));
-    let listed: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
-        .collect();
+    let listed = list_dead_letters(&agent, data_dir, &[]).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert!(
         listed[0]["reason"].as_str().unwrap_or_default().contains("exceeds"),
@@ -333,26 +326,10 @@ async fn a_dead_letter_replayed_beside_the_running_agent_is_published() {
     larger["mqtt"]["max_payload_bytes"] = serde_json::json!(65536);
     let larger_path = bed.dir.path().join("replay.toml");
     write_toml(&larger_path, &larger);
-    let out = run_cli(
-        &[
-            "buffer",
-            "replay",
-            "--data-dir",
-            data_dir,
-            "--config",
-            larger_path.to_str().expect("utf-8 path"),
-            "--id",
-            &id,
-        ],
-        Duration::from_secs(20),
-    )
-    .await
-    .unwrap_or_else(|e| agent.fail(e));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = replay_dead_letter(&agent, data_dir, &larger_path, &id).await;
     assert!(
-        out.status.success() && stdout.contains("replayed 1 dead letter(s) into the buffer, 0 still rejected"),
-        "replay: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        stdout.contains("replayed 1 dead letter(s) into the buffer, 0 still rejected"),
+        "replay: {stdout}"
     );
 
     let replayed = wait_for(Duration::from_secs(10), || {
