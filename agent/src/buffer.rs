@@ -644,6 +644,13 @@ fn next_outbox_id(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("SELECT next_id FROM outbox_sequence", [], |r| r.get(0))
 }
 
+/// Advances `outbox_sequence` to `next_id`, inside the transaction that takes the ids.
+fn set_next_outbox_id(conn: &Connection, next_id: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE outbox_sequence SET next_id = ?1")?
+        .execute([next_id])
+        .map(drop)
+}
+
 fn count(conn: &Connection) -> rusqlite::Result<(u64, u64, u64, i64)> {
     let (pending, bytes): (i64, i64) = conn.query_row(
         "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox",
@@ -1145,9 +1152,7 @@ impl Batch<'_, '_> {
         };
         if id >= self.tally.reserved_to {
             self.tally.reserved_to = id + ID_RESERVATION;
-            self.tx
-                .prepare_cached("UPDATE outbox_sequence SET next_id = ?1")?
-                .execute([self.tally.reserved_to])?;
+            set_next_outbox_id(self.tx, self.tally.reserved_to)?;
         }
         let insert = match &mut self.insert {
             Some(insert) => insert,
@@ -1468,8 +1473,7 @@ impl Inspector {
                     Err(why) => report.still_failing.push((d.id, why)),
                 }
             }
-            tx.execute("UPDATE outbox_sequence SET next_id = ?1", [next_id])
-                .map_err(|e| storage(&path, e))?;
+            set_next_outbox_id(&tx, next_id).map_err(|e| storage(&path, e))?;
         }
         tx.commit().map_err(|e| storage(&path, e))?;
         Ok(report)
@@ -1648,9 +1652,7 @@ pub(crate) mod tests {
             drop(buf);
             writer.join();
             let conn = Connection::open(dir.path().join(DB_FILE)).expect("open");
-            let stored: i64 = conn
-                .query_row("SELECT next_id FROM outbox_sequence", [], |r| r.get(0))
-                .expect("sequence");
+            let stored = next_outbox_id(&conn).expect("sequence");
             assert_eq!(
                 stored,
                 seen[round as usize * 3] + ID_RESERVATION,
